@@ -1,0 +1,256 @@
+"""Qwen2 / Llama decoder in plain PyTorch, top to bottom: RMSNorm -> RoPE -> attention -> MLP -> block -> model.
+
+Module and parameter names mirror the Hugging Face checkpoint (`model.layers.0.self_attn.q_proj.weight`,
+...), so loading a checkpoint is a name-for-name copy and a PEFT adapter's keys are ours with a prefix.
+Numerics follow transformers' Qwen2ForCausalLM op for op (fp32 RMSNorm statistics, fp32 RoPE angles,
+rotate-half layout, fp32 softmax), so logits agree to float precision.
+
+Shapes: B batch, T new tokens, L keys visible (cache + new), D hidden, H query heads, K key/value
+heads, hd head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, with the statistics in fp32 and the result cast back before the weight
+    (the order matters in bf16: it is what the checkpoints were trained with)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------- RoPE
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/hd), built exactly as transformers builds them (in fp32)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """Angles in fp32 (bf16 positions would be wrong past 256), then cast: (B, T) -> 2 x (B, 1, T, hd)."""
+    freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd): rotate-half layout, not interleaved pairs
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the head dim: HF's layout, pairs (i, i + hd/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin  # (B, heads, T, hd)
+
+
+# ------------------------------------------------------------------------------------------ KV cache
+class KVCache:
+    """A static cache (as in gpt-fast): keys and values preallocated for `max_len` positions per layer.
+
+    It also remembers, per row, which cached positions hold real tokens (left padding does not) and
+    the next RoPE position of each row, so a left-padded batch decodes exactly like its rows alone.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype, device):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)  # (B, K, L_max, hd)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, L_max)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self.length = 0  # positions filled so far (the same for every row)
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
+        """Write this chunk's keys/values at [start, start + T) and return all keys/values so far."""
+        end = start + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, K, L, hd)
+
+
+# ------------------------------------------------------------------------------------------ attention
+class Attention(nn.Module):
+    """Grouped-query attention: K key/value heads, each serving H/K *consecutive* query heads.
+
+    `impl="sdpa"` uses torch's fused kernel; `impl="matmul"` spells out softmax(q k^T / sqrt(hd)) v
+    for reading and for FLOP counting. Both are tested equal.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.q_size, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.kv_size, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=bias)
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_proj_bias)  # none in Qwen2
+        self.impl = "sdpa"
+
+    def forward(self, x, cos, sin, mask, is_causal, cache=None, layer=0, start=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, start)  # (B, K, L, hd)
+        if self.impl == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+        else:
+            y = self._matmul_attention(q, k, v, mask, is_causal)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
+        return self.o_proj(y)
+
+    def _matmul_attention(self, q, k, v, mask, is_causal):
+        groups = self.n_heads // self.n_kv
+        k = k.repeat_interleave(groups, dim=1)  # (B, H, L, hd): query head h reads kv head h // groups
+        v = v.repeat_interleave(groups, dim=1)  # (B, H, L, hd)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.head_dim**-0.5  # (B, H, T, L)
+        if is_causal:
+            T, L = scores.shape[-2:]
+            mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, H, T, L)
+        return torch.matmul(probs, v)  # (B, H, T, hd)
+
+
+# ------------------------------------------------------------------------------------------------ MLP
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, D)
+
+
+# ---------------------------------------------------------------------------------------------- block
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, is_causal, cache=None, layer=0, start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ---------------------------------------------------------------------------------------------- model
+class Decoder(nn.Module):
+    """The stack HF calls `model`: embeddings, blocks, final norm (named so the checkpoint keys match)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """The causal language model: `forward(input_ids) -> logits (B, T, V)`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}  # per device; a plain attribute, so
+        self.grad_checkpoint = False  # model.to(bfloat16) cannot round the RoPE frequencies
+        self.tie_weights()
+
+    def tie_weights(self):
+        """Tied embeddings are one shared Parameter, so the checkpoint carries no `lm_head.weight`."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def inv_freq(self, device) -> torch.Tensor:
+        if device not in self._inv_freq:
+            self._inv_freq[device] = rope_inv_freq(self.config.head_dim, self.config.rope_theta).to(device)
+        return self._inv_freq[device]
+
+    def set_attention(self, impl: str):
+        assert impl in ("sdpa", "matmul"), impl
+        for block in self.model.layers:
+            block.self_attn.impl = impl
+
+    def hidden_states(self, input_ids, pad_mask=None, cache: KVCache | None = None):
+        """Final-norm hidden states (B, T, D); the loss applies lm_head itself, in chunks.
+
+        pad_mask (B, T) marks real tokens (True) among left padding; with a cache, the chunk is written
+        after `cache.length` positions and attends to everything before it.
+        """
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        positions, mask, is_causal = self._positions_and_mask(B, T, start, pad_mask, cache, input_ids.device)
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        cos, sin = rope_cos_sin(positions, self.inv_freq(x.device), x.dtype)  # (B, 1, T, hd) each
+        for i, block in enumerate(self.model.layers):
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, mask, is_causal, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, is_causal, cache, i, start)
+        if cache is not None:
+            cache.length = start + T
+        return self.model.norm(x)
+
+    def forward(self, input_ids, pad_mask=None, cache: KVCache | None = None, last_only: bool = False):
+        h = self.hidden_states(input_ids, pad_mask, cache)
+        if last_only:  # generation needs one row of logits, not (B, T, V)
+            h = h[:, -1:]
+        return self.lm_head(h)  # (B, T, V)
+
+    @staticmethod
+    def _positions_and_mask(B, T, start, pad_mask, cache, device):
+        """RoPE positions (B, T) and the attention mask (B, 1, T, L) or, when plain causal works, None.
+
+        SDPA's `is_causal` aligns the mask to the top-left corner, which is only right when queries and
+        keys start together: a chunk that follows a filled cache needs an explicit mask.
+        """
+        if pad_mask is None and cache is None:
+            return torch.arange(T, device=device).expand(B, T), None, True
+        real = pad_mask if pad_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+        offset = cache.next_pos[:, None] if cache is not None else 0
+        positions = (offset + real.long().cumsum(1) - 1).clamp(min=0)  # (B, T): pads do not advance RoPE
+        if cache is None:
+            key_valid = real  # (B, L=T)
+        else:
+            cache.key_valid[:, start : start + T] = real
+            cache.next_pos += real.long().sum(1)
+            key_valid = cache.key_valid[:, : start + T]  # (B, L)
+            if pad_mask is None and not cache.key_valid[:, :start].logical_not().any():
+                if T == 1:
+                    return positions, None, False  # one new token sees every cached key
+                if start == 0:
+                    return positions, None, True
+        L = key_valid.shape[1]
+        q_idx = torch.arange(start, start + T, device=device)[:, None]  # (T, 1) absolute query index
+        k_idx = torch.arange(L, device=device)[None, :]  # (1, L)
+        causal = k_idx <= q_idx  # (T, L)
+        # a padding query sees only itself: its output is unused, but a fully masked row would be NaN
+        mask = (causal & key_valid[:, None, :]) | (k_idx == q_idx)  # (B, T, L)
+        return positions, mask[:, None], False  # (B, 1, T, L)
