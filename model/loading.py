@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from common import UserError, read_json, write_json
+from common import UserError, atomic_path, read_json, write_json
 
 from .config import ModelConfig
 from .tokenizer import Tokenizer
@@ -179,12 +179,23 @@ def load_pretrained(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torc
 
 
 # ------------------------------------------------------------------------------------------- saving
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+
+
 def save_pretrained(model: Transformer, path: str | os.PathLike, tokenizer: Tokenizer | None = None,
-                    max_shard_bytes: int | None = None) -> None:
-    """Write an HF-layout checkpoint (config.json, safetensors, tokenizer) that transformers reads too."""
+                    max_shard_bytes: int | None = None, overrides: dict[str, torch.Tensor] | None = None) -> None:
+    """Write an HF-layout checkpoint (config.json, safetensors, tokenizer) that transformers reads too.
+
+    `overrides` replaces named tensors on the way out (LoRA export writes merged weights this way).
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters()}  # tied lm_head once
+    # tied lm_head appears once; LoRA matrices are not part of a base checkpoint (merge them first)
+    overrides = overrides or {}
+    tensors = {n: overrides.get(n, p).detach().contiguous().cpu() for n, p in model.named_parameters()
+               if ".lora_" not in n}
     write_json(path / "config.json", {**model.config.to_hf(), "torch_dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch.")})
     shards, current, size = [], {}, 0
     for name, t in tensors.items():
@@ -195,12 +206,12 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, tokenizer: Toke
         current[name], size = t, size + nbytes
     shards.append(current)
     if len(shards) == 1:
-        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(shards[0], path / "model.safetensors")
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(path / fname), metadata={"format": "pt"})
+            save_safetensors(shard, path / fname)
             weight_map.update(dict.fromkeys(shard, fname))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         write_json(path / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})

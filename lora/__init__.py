@@ -1,0 +1,9 @@
+"""Hand-rolled LoRA. Read layer.py (the adapter), inject.py (applying and merging), peft_format.py (files)."""
+
+from .inject import (ALL_TARGETS, apply_lora, lora_modules, lora_parameters, merge, merge_and_export, parse_targets,
+                     unmerge)
+from .layer import LoRALinear
+from .peft_format import load_adapter, read_adapter, save_adapter
+
+__all__ = ["ALL_TARGETS", "LoRALinear", "apply_lora", "load_adapter", "lora_modules", "lora_parameters", "merge",
+           "merge_and_export", "parse_targets", "read_adapter", "save_adapter", "unmerge"]

@@ -1,0 +1,88 @@
+"""Putting adapters into a model, taking them out again (merge), and exporting a merged checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from common import UserError
+from model.transformer import Transformer
+
+from .layer import LoRALinear
+
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+ALL_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
+
+
+def parse_targets(targets) -> tuple[str, ...]:
+    """'q_proj,v_proj', ['q_proj', 'v_proj'], 'all' or 'all-linear' -> a tuple of projection names."""
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    targets = list(targets)
+    if any(t in ("all", "all-linear") for t in targets):
+        return ALL_TARGETS
+    if "lm_head" in targets:
+        raise UserError("LoRA on lm_head is not supported: in Qwen2.5 it is the same matrix as the input "
+                        "embedding (tied), so an adapter there would change the embeddings too; "
+                        "adapt the projections instead (q_proj, ..., down_proj or 'all')")
+    unknown = [t for t in targets if t not in ALL_TARGETS]
+    if unknown or not targets:
+        raise UserError(f"unknown LoRA target(s) {unknown or targets}; choose from {', '.join(ALL_TARGETS)} or 'all'")
+    return tuple(t for t in ALL_TARGETS if t in targets)  # canonical order
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if ".lora_" in n}
+
+
+def apply_lora(model: Transformer, rank: int = 8, alpha: float = 16, targets=("q_proj", "v_proj"),
+               dropout: float = 0.0, use_rslora: bool = False, verbose: bool = True) -> int:
+    """Wrap the target projections of every layer, freeze everything else; return the trainable count."""
+    if rank < 1:
+        raise UserError(f"LoRA rank must be at least 1, got {rank}")
+    if not 0 <= dropout < 1:
+        raise UserError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    if lora_modules(model):
+        raise UserError("this model already has LoRA adapters; load a fresh base model first")
+    targets = parse_targets(targets)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.model.layers:
+        for name in targets:
+            parent = block.self_attn if name in ATTENTION_TARGETS else block.mlp
+            setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout, use_rslora))
+    model.lora_config = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets),
+                         "use_rslora": use_rslora}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    if verbose:
+        print(f"LoRA r={rank} alpha={alpha} on {','.join(targets)}: {trainable:,} trainable parameters "
+              f"of {total:,} ({100 * trainable / total:.3f}%)")
+    return trainable
+
+
+def merge(model: nn.Module) -> None:
+    for m in lora_modules(model).values():
+        m.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    for m in lora_modules(model).values():
+        m.unmerge()
+
+
+def merge_and_export(model: Transformer, path: str | os.PathLike, tokenizer=None) -> None:
+    """Write a plain HF checkpoint with the adapters folded into the weights, without touching the
+    model itself. transformers and `model.load_model` both load it without any LoRA code."""
+    from model import load_tokenizer, save_pretrained
+
+    if tokenizer is None:
+        tokenizer = load_tokenizer(getattr(model, "source", "tiny"))
+    overrides = {f"{name}.weight": m.merged_weight() for name, m in lora_modules(model).items() if not m.merged}
+    save_pretrained(model, path, tokenizer, overrides=overrides)

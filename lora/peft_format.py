@@ -1,0 +1,109 @@
+"""Adapters on disk in PEFT's format, so they travel both ways between this codebase and PEFT.
+
+A PEFT LoRA adapter is a folder with two files:
+
+- `adapter_config.json`: peft_type "LORA", task_type "CAUSAL_LM", r, lora_alpha, lora_dropout,
+  target_modules, use_rslora, base_model_name_or_path (plus defaults for PEFT's other options);
+- `adapter_model.safetensors`: the A and B matrices under the wrapped model's names, e.g.
+  `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (PEFT wraps the causal LM as
+  `base_model.model`, and drops the adapter name "default" from the keys when saving).
+
+Our parameter names are exactly those without the `base_model.model.` prefix.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from common import UserError, read_json, write_json
+from model.loading import save_safetensors
+
+from .inject import apply_lora, lora_modules, lora_parameters
+
+PREFIX = "base_model.model."
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+
+
+def adapter_config(model) -> dict:
+    cfg = model.lora_config
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": getattr(model, "source", None),
+        "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "lora_dropout": cfg["lora_dropout"],
+        "target_modules": cfg["target_modules"], "use_rslora": cfg["use_rslora"],
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "revision": None,
+    }
+
+
+def save_adapter(model, path: str | os.PathLike) -> None:
+    """Only the adapter: a few MB instead of the model's GB. Written atomically, file by file."""
+    if not lora_modules(model):
+        raise UserError("the model has no LoRA adapters to save (apply_lora or load_adapter first)")
+    path = Path(path)
+    tensors = {PREFIX + n: p.detach().contiguous().cpu() for n, p in lora_parameters(model).items()}
+    save_safetensors(tensors, path / WEIGHTS_NAME)
+    write_json(path / CONFIG_NAME, adapter_config(model))
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors without the PEFT prefix), with every unsupported PEFT option refused by name."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"adapter folder not found: {path}")
+    if not (path / CONFIG_NAME).is_file():
+        raise UserError(f"{path} has no {CONFIG_NAME}: not a PEFT adapter folder")
+    if not (path / WEIGHTS_NAME).is_file():
+        other = " (adapter_model.bin is not read: re-save it with safetensors)" if (path / "adapter_model.bin").exists() else ""
+        raise UserError(f"{path} has no {WEIGHTS_NAME}{other}")
+    cfg = read_json(path / CONFIG_NAME, what=CONFIG_NAME)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{path} holds a {cfg.get('peft_type')} adapter; only LORA is supported")
+    for key, default in (("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False), ("modules_to_save", None),
+                         ("layers_to_transform", None), ("rank_pattern", {}), ("alpha_pattern", {})):
+        value = cfg.get(key)
+        if value and value != default:
+            raise UserError(f"{path}: {key}={value!r} is not supported by this loader")
+    if isinstance(cfg.get("target_modules"), str) and cfg["target_modules"] != "all-linear":
+        raise UserError(f"{path}: target_modules as a regex ({cfg['target_modules']!r}) is not supported; use a list")
+    try:
+        raw = load_file(path / WEIGHTS_NAME)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path / WEIGHTS_NAME} could not be read ({e}); re-save the adapter") from None
+    tensors = {}
+    for key, t in raw.items():
+        name = key.removeprefix(PREFIX).replace(".default.weight", ".weight")
+        tensors[name] = t
+    return cfg, tensors
+
+
+def load_adapter(model, path: str | os.PathLike, verbose: bool = False) -> None:
+    """Apply the adapter at `path` to `model` (a base model, or one already LoRA-shaped the same way)."""
+    cfg, tensors = read_adapter(path)
+    if not lora_modules(model):
+        apply_lora(model, rank=int(cfg["r"]), alpha=cfg["lora_alpha"], targets=cfg["target_modules"],
+                   dropout=float(cfg.get("lora_dropout", 0.0)), use_rslora=bool(cfg.get("use_rslora", False)),
+                   verbose=verbose)
+    elif model.lora_config["r"] != cfg["r"]:
+        raise UserError(f"the adapter at {path} has rank {cfg['r']}, the model's adapters rank {model.lora_config['r']}")
+    params = lora_parameters(model)
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if unexpected:
+        raise UserError(f"the adapter at {path} does not fit this model: it has {len(unexpected)} tensor(s) the "
+                        f"model lacks, e.g. {unexpected[0]} (made for another model or other target modules?)")
+    if missing:
+        raise UserError(f"the adapter at {path} lacks {len(missing)} tensor(s), e.g. {missing[0]} (incomplete adapter?)")
+    for name, p in params.items():
+        if tuple(tensors[name].shape) != tuple(p.shape):
+            raise UserError(f"the adapter at {path} was made for another model or rank: {name} has shape "
+                            f"{tuple(tensors[name].shape)}, this model with r={model.lora_config['r']} needs {tuple(p.shape)}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name])
