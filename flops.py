@@ -1,0 +1,394 @@
+"""FLOPs of the model from the layer shapes `model/` and `lora/` define, in two conventions.
+
+    python flops.py --model Qwen/Qwen2.5-0.5B-Instruct --batch 4 --seq 512 --rank 8 --targets q_proj,v_proj
+    python flops.py --check --model tiny        # our counts beside torch's FlopCounterMode and profiler
+
+The numbers come from a ModelConfig (or a model object: its config, its LoRA settings and which of its
+parameters train), never from a second copy of the architecture. Notation: N = B*T tokens, D hidden,
+H query heads, K key/value heads, hd head dim, I intermediate, V vocabulary, r LoRA rank.
+
+1. Coursework accounting (the one the 1e17 budget is stated in). add/subtract/negate/compare = 1,
+   multiply/divide = 1, exp/log/sqrt/sin/cos = 10, indexing and copies free, and a matrix product
+   (m x n)(n x p) costs m*p*(2n - 1). The non-matmul operations, broken into those primitives:
+     RMSNorm (per vector of D)  square D + sum D-1 + mean 1 + eps 1 + sqrt 10 + reciprocal 1
+                                + scale D + weight D                                  = 4D + 12
+     RoPE                       angles T*hd/2 mults per row of the batch, cos and sin on (B, T, hd)
+                                at 10 each (shared by all layers); per rotated element (q and k):
+                                x*cos 1 + rotate-half negation 1/2 + x'*sin 1 + add 1  = 3.5
+     attention scale            one multiply per score
+     causal mask                a select: free
+     softmax (per row of n)     max n-1 + subtract n + exp 10n + sum n-1 + divide n  = 14n - 2
+     SiLU                       x / (1 + exp(-x)): negate 1 + exp 10 + add 1 + divide 1 = 13
+     gating product, biases, residual adds, LoRA scaling and LoRA add: 1 per element
+     cross-entropy (per token)  log-softmax over V: max V-1 + subtract V + exp 10V + sum V-1
+                                + log 10, then pick and negate 1 = 13V + 9; mean over N: N
+     AdamW (per trainable parameter, with clipping): 28 (moments 7, bias corrections 2,
+                                sqrt 10, eps 1, divide 1, lr 1, update 1, weight decay 2, clip 3)
+   backward = 2 x forward; a training step = forward + loss + backward + optimizer.
+2. Hardware accounting (what profilers count): 2*M*N*K per matrix product, elementwise work excluded.
+   The backward counts what autograd really computes: for y = x W^T, the input gradient (2*M*N*K)
+   only where x requires grad, the weight gradient only where W trains (LoRA A and B; everything in
+   full fine-tuning). So layer 0 of a LoRA model, whose input comes from a frozen embedding, skips
+   most of its backward. Attention scores and probs @ V are counted over the full T x T square, as
+   torch counts them: the causal mask saves no FLOPs here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import UserError, run_cli
+
+MATMUL_OPS = ("aten.mm", "aten.addmm", "aten.bmm")
+
+
+def matmul_cw(m: int, n: int, p: int) -> int:
+    """(m x n)(n x p) in the coursework convention."""
+    return m * p * (2 * n - 1)
+
+
+def softmax_cw(rows: int, n: int) -> int:
+    return rows * (14 * n - 2)
+
+
+def rmsnorm_cw(vectors: int, d: int) -> int:
+    return vectors * (4 * d + 12)
+
+
+@dataclass
+class Op:
+    name: str
+    coursework: int = 0  # forward
+    hardware: int = 0  # forward matmul FLOPs
+    backward_hardware: int = 0  # what autograd computes for it
+    category: str = "other"  # linear | attention | other
+
+
+@dataclass
+class Report:
+    config: dict
+    batch: int
+    seq: int
+    ops: dict[str, Op] = field(default_factory=dict)
+    loss_coursework: int = 0
+    optimizer_coursework: int = 0
+    trainable_params: int = 0
+
+    def add(self, name, coursework=0, hardware=0, backward_hardware=0, category="other"):
+        op = self.ops.setdefault(name, Op(name, category=category))
+        op.coursework += coursework
+        op.hardware += hardware
+        op.backward_hardware += backward_hardware
+
+    @property
+    def forward_coursework(self) -> int:
+        return sum(op.coursework for op in self.ops.values())
+
+    @property
+    def forward_hardware(self) -> int:
+        return sum(op.hardware for op in self.ops.values())
+
+    @property
+    def backward_hardware(self) -> int:
+        return sum(op.backward_hardware for op in self.ops.values())
+
+    @property
+    def backward_coursework(self) -> int:
+        return 2 * (self.forward_coursework + self.loss_coursework)
+
+    @property
+    def train_step_coursework(self) -> int:
+        return self.forward_coursework + self.loss_coursework + self.backward_coursework + self.optimizer_coursework
+
+    @property
+    def train_step_hardware(self) -> int:
+        return self.forward_hardware + self.backward_hardware
+
+    @property
+    def eval_coursework(self) -> int:
+        """A validation batch: forward and loss, no backward."""
+        return self.forward_coursework + self.loss_coursework
+
+    def category(self, name: str, backward: bool = False) -> int:
+        return sum(op.backward_hardware if backward else op.hardware for op in self.ops.values() if op.category == name)
+
+    def to_json(self, budget: float | None = None) -> dict:
+        tokens = self.batch * self.seq
+        out = {
+            "config": self.config, "batch": self.batch, "seq": self.seq,
+            "forward": {"hardware": self.forward_hardware, "coursework": self.forward_coursework,
+                        "by_op": {n: {"hardware": o.hardware, "coursework": o.coursework,
+                                      "backward_hardware": o.backward_hardware} for n, o in self.ops.items()}},
+            "loss": {"coursework": self.loss_coursework, "hardware": 0},
+            "backward": {"hardware": self.backward_hardware, "coursework": self.backward_coursework},
+            "optimizer": {"coursework": self.optimizer_coursework, "hardware": 0},
+            "train_step": {"hardware": self.train_step_hardware, "coursework": self.train_step_coursework},
+            "eval_step": {"hardware": self.forward_hardware, "coursework": self.eval_coursework},
+            "per_token": {"forward_hardware": self.forward_hardware / tokens,
+                          "forward_coursework": self.forward_coursework / tokens,
+                          "train_step_coursework": self.train_step_coursework / tokens},
+            "trainable_params": self.trainable_params,
+        }
+        if budget is not None:
+            out["budget"] = budget
+            out["steps_in_budget"] = int(budget // self.train_step_coursework)
+        return out
+
+
+def count(config, batch: int, seq: int, lora: dict | None = None, trainable: str | None = None) -> Report:
+    """FLOPs of one forward pass (and its backward) at batch x seq tokens.
+
+    `config` is a ModelConfig or a model (then its LoRA settings and trainable parameters are used).
+    `lora` is {"r": rank, "target_modules": [...]}; `trainable` is "lora" (base frozen, the default
+    with LoRA), "full" (every parameter trains, the default without) or "none" (inference only).
+    """
+    if hasattr(config, "config"):  # a model object
+        model = config
+        config = model.config
+        lora = lora or getattr(model, "lora_config", None)
+        if trainable is None:
+            params = list(model.parameters())
+            trainable = "lora" if lora else "full" if all(p.requires_grad for p in params) else "none"
+    trainable = trainable or ("lora" if lora else "full")
+    from lora.inject import parse_targets
+
+    targets = set(parse_targets(lora["target_modules"])) if lora else set()
+    r = lora["r"] if lora else 0
+    full = trainable == "full"
+    c = config
+    B, T, N, D, hd = batch, seq, batch * seq, c.hidden_size, c.head_dim
+    H, K, I, V, L = c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.vocab_size, c.num_hidden_layers
+    rep = Report(config=c.to_dict(), batch=batch, seq=seq)
+
+    def linear(name, d_in, d_out, x_grad: bool, bias: bool) -> bool:
+        """One projection on N tokens (+ its LoRA); returns whether its output requires grad."""
+        rep.add(name, matmul_cw(N, d_in, d_out) + (N * d_out if bias else 0), 2 * N * d_in * d_out,
+                (2 * N * d_in * d_out if x_grad else 0) + (2 * N * d_in * d_out if full else 0), "linear")
+        adapted = name in targets and trainable != "none"
+        if name in targets:
+            # A: weight grad, and input grad where x requires it; B: weight grad and grad of A's output.
+            rep.add("lora_A", matmul_cw(N, d_in, r), 2 * N * d_in * r,
+                    (2 * N * d_in * r + (2 * N * d_in * r if x_grad else 0)) if adapted else 0, "linear")
+            rep.add("lora_B", matmul_cw(N, r, d_out) + 2 * N * d_out, 2 * N * r * d_out,  # + scale and add
+                    4 * N * r * d_out if adapted else 0, "linear")
+        return x_grad or full or adapted
+
+    grad = full and trainable != "none"  # does the residual stream entering layer 0 require grad?
+    rep.add("rope", B * T * hd // 2 + 2 * 10 * B * T * hd)  # angles, cos, sin (once per forward)
+    for _ in range(L):
+        rep.add("rmsnorm", rmsnorm_cw(N, D))
+        q = linear("q_proj", D, H * hd, grad, c.attention_bias)
+        k = linear("k_proj", D, K * hd, grad, c.attention_bias)
+        v = linear("v_proj", D, K * hd, grad, c.attention_bias)
+        rep.add("rope", int(3.5 * N * (H + K) * hd))
+        scores_grad = q or k
+        rep.add("attention_scores", B * H * matmul_cw(T, hd, T) + B * H * T * T, 2 * B * H * T * T * hd,
+                (2 * B * H * T * T * hd if q else 0) + (2 * B * H * T * T * hd if k else 0), "attention")
+        rep.add("softmax", softmax_cw(B * H * T, T))
+        rep.add("attention_v", B * H * matmul_cw(T, T, hd), 2 * B * H * T * T * hd,
+                (2 * B * H * T * T * hd if scores_grad else 0) + (2 * B * H * T * T * hd if v else 0), "attention")
+        o = linear("o_proj", H * hd, D, scores_grad or v, c.o_proj_bias)
+        rep.add("residual_add", N * D)
+        grad = grad or o
+        rep.add("rmsnorm", rmsnorm_cw(N, D))
+        gate = linear("gate_proj", D, I, grad, False)
+        up = linear("up_proj", D, I, grad, False)
+        rep.add("silu", 13 * N * I)
+        rep.add("gating_product", N * I)
+        down = linear("down_proj", I, D, gate or up, False)
+        rep.add("residual_add", N * D)
+        grad = grad or down
+    rep.add("final_norm", rmsnorm_cw(N, D))
+    rep.add("lm_head", matmul_cw(N, D, V), 2 * N * D * V,
+            (2 * N * D * V if grad else 0) + (2 * N * D * V if full else 0), "linear")
+    rep.loss_coursework = N * (13 * V + 9) + N
+    if trainable == "lora":
+        rep.trainable_params = L * sum(r * (din + dout) for name, din, dout in (
+            ("q_proj", D, H * hd), ("k_proj", D, K * hd), ("v_proj", D, K * hd), ("o_proj", H * hd, D),
+            ("gate_proj", D, I), ("up_proj", D, I), ("down_proj", I, D)) if name in targets)
+    elif full:
+        rep.trainable_params = parameter_count(c)
+    rep.optimizer_coursework = 28 * rep.trainable_params
+    # keep a fixed, readable order for the table
+    order = ["q_proj", "k_proj", "v_proj", "rope", "attention_scores", "softmax", "attention_v", "o_proj",
+             "gate_proj", "up_proj", "silu", "gating_product", "down_proj", "rmsnorm", "residual_add", "final_norm",
+             "lm_head", "lora_A", "lora_B"]
+    rep.ops = {n: rep.ops[n] for n in order if n in rep.ops}
+    return rep
+
+
+def parameter_count(c) -> int:
+    """Parameters of the base model, from the same shapes (tied embeddings counted once)."""
+    attn = c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size
+    attn += (c.q_size + 2 * c.kv_size if c.attention_bias else 0) + (c.hidden_size if c.o_proj_bias else 0)
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    per_layer = attn + mlp + 2 * c.hidden_size
+    emb = c.vocab_size * c.hidden_size
+    return c.num_hidden_layers * per_layer + emb * (1 if c.tie_word_embeddings else 2) + c.hidden_size
+
+
+# --------------------------------------------------------------------------------------- the check
+def measure(model, input_ids, backward: bool) -> dict:
+    """Matmul FLOPs by torch.utils.flop_counter.FlopCounterMode (forward, or forward + backward) and,
+    for the forward, by torch.profiler (which records no backward FLOPs)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def run():
+        logits = model(input_ids)
+        if backward:
+            F.cross_entropy(logits.flatten(0, 1).float(), input_ids.flatten()).backward()
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    by_op = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    out = {"counter": {"linear": by_op.get("aten.mm", 0) + by_op.get("aten.addmm", 0),
+                       "attention": by_op.get("aten.bmm", 0), "total": counter.get_total_flops()}}
+    if not backward:
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+            with torch.no_grad():
+                model(input_ids)
+        ev = {e.key: e.flops for e in prof.key_averages() if e.flops}
+        out["profiler"] = {"linear": ev.get("aten::mm", 0) + ev.get("aten::addmm", 0),
+                           "attention": ev.get("aten::bmm", 0)}
+        out["profiler"]["total"] = out["profiler"]["linear"] + out["profiler"]["attention"]
+    return out
+
+
+def check(model, batch: int, seq: int, seed: int = 0) -> list[dict]:
+    """Our hardware counts beside the counters', per category, forward and forward + backward."""
+    import torch
+
+    model.set_attention("matmul")  # CPU SDPA is invisible to both counters
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
+    rep = count(model, batch, seq)
+    fwd, fb = measure(model, ids, backward=False), measure(model, ids, backward=True)
+    model.zero_grad(set_to_none=True)
+    rows = []
+    for cat in ("linear", "attention", "total"):
+        ours_f = rep.forward_hardware if cat == "total" else rep.category(cat)
+        ours_b = rep.backward_hardware if cat == "total" else rep.category(cat, backward=True)
+        rows.append({"category": cat, "pass": "forward", "ours": ours_f, "flop_counter": fwd["counter"][cat],
+                     "profiler": fwd["profiler"][cat]})
+        rows.append({"category": cat, "pass": "forward+backward", "ours": ours_f + ours_b,
+                     "flop_counter": fb["counter"][cat], "profiler": None})
+    return rows
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def fmt(x: float) -> str:
+    return f"{x:.3e}"
+
+
+def print_table(rep: Report, budget: float, steps: int | None) -> None:
+    tokens = rep.batch * rep.seq
+    print(f"FLOPs for one forward pass, batch {rep.batch} x seq {rep.seq} ({tokens:,} tokens)")
+    print(f"{'operation':<18}{'coursework':>14}{'hardware':>14}{'hw backward':>14}{'share (cw)':>12}")
+    total = rep.forward_coursework
+    for op in rep.ops.values():
+        print(f"{op.name:<18}{fmt(op.coursework):>14}{fmt(op.hardware):>14}{fmt(op.backward_hardware):>14}"
+              f"{100 * op.coursework / total:>11.2f}%")
+    print("-" * 72)
+    print(f"{'forward':<18}{fmt(rep.forward_coursework):>14}{fmt(rep.forward_hardware):>14}")
+    print(f"{'loss':<18}{fmt(rep.loss_coursework):>14}{fmt(0):>14}")
+    print(f"{'backward':<18}{fmt(rep.backward_coursework):>14}{fmt(rep.backward_hardware):>14}")
+    print(f"{'optimizer':<18}{fmt(rep.optimizer_coursework):>14}{fmt(0):>14}")
+    print(f"{'training step':<18}{fmt(rep.train_step_coursework):>14}{fmt(rep.train_step_hardware):>14}")
+    print(f"per token: forward {fmt(rep.forward_coursework / tokens)} (coursework), {fmt(rep.forward_hardware / tokens)} "
+          f"(hardware); training step {fmt(rep.train_step_coursework / tokens)} (coursework)")
+    print(f"trainable parameters: {rep.trainable_params:,}")
+    n = int(budget // rep.train_step_coursework)
+    print(f"budget {budget:.3g} FLOPs (coursework accounting): {n:,} training steps fit")
+    if steps is not None:
+        used = steps * rep.train_step_coursework
+        print(f"{steps:,} steps cost {fmt(used)} FLOPs = {100 * used / budget:.2f}% of the budget")
+
+
+def sum_runs(folder: Path) -> list[dict]:
+    """Per-experiment totals: the final FLOP counters of every run (a folder with metrics.jsonl)."""
+    rows = []
+    for metrics in sorted(folder.glob("**/metrics.jsonl")):
+        last = {}
+        for line in metrics.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "flops" in rec:
+                last = rec
+        if last:
+            rows.append({"run": str(metrics.parent.relative_to(folder)) or ".", "steps": last.get("step", 0),
+                         "flops": last["flops"], "flops_hardware": last.get("flops_hardware")})
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="hub id, checkpoint folder or 'tiny' (config only)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (0: no LoRA, full fine-tuning)")
+    p.add_argument("--targets", default="q_proj,v_proj")
+    p.add_argument("--steps", type=int, default=None, help="also report the cost of this many training steps")
+    p.add_argument("--budget", type=float, default=1e17)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--check", action="store_true", help="run the real model under torch's FLOP counters")
+    p.add_argument("--runs", default=None, help="sum the FLOPs of every training run under this folder")
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.seq < 1:
+        raise UserError("--batch and --seq must be at least 1")
+    if args.rank < 0:
+        raise UserError("--rank must be >= 0 (0 means no LoRA)")
+    if args.runs:
+        rows = sum_runs(Path(args.runs))
+        if not rows:
+            raise UserError(f"no runs with metrics.jsonl under {args.runs}")
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return
+        print(f"{'run':<40}{'steps':>8}{'FLOPs (coursework)':>22}{'FLOPs (hardware)':>20}")
+        for r in rows:
+            print(f"{r['run']:<40}{r['steps']:>8}{fmt(r['flops']):>22}{fmt(r['flops_hardware'] or 0):>20}")
+        print(f"{'total':<40}{'':>8}{fmt(sum(r['flops'] for r in rows)):>22}"
+              f"{fmt(sum(r['flops_hardware'] or 0 for r in rows)):>20}")
+        return
+    lora_cfg = {"r": args.rank, "target_modules": args.targets} if args.rank else None
+    if args.check:
+        import lora as lora_lib
+        from model import load_model
+
+        model = load_model(args.model)
+        if lora_cfg:
+            lora_lib.apply_lora(model, rank=args.rank, targets=args.targets)
+        rows = check(model, args.batch, args.seq)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return
+        print(f"hardware FLOPs, ours vs torch, batch {args.batch} x seq {args.seq} (matmul attention path)")
+        print(f"{'category':<11}{'pass':<18}{'ours':>14}{'FlopCounterMode':>17}{'diff':>8}{'profiler':>14}{'diff':>8}")
+        for r in rows:
+            prof = fmt(r["profiler"]) if r["profiler"] is not None else "n/a"
+            pdiff = f"{r['profiler'] - r['ours']:+d}" if r["profiler"] is not None else "—"
+            print(f"{r['category']:<11}{r['pass']:<18}{fmt(r['ours']):>14}{fmt(r['flop_counter']):>17}"
+                  f"{r['flop_counter'] - r['ours']:>+8d}{prof:>14}{pdiff:>8}")
+        print("(the profiler records no backward FLOPs; neither counter sees fused CPU SDPA)")
+        return
+    from model import load_config
+
+    rep = count(load_config(args.model), args.batch, args.seq, lora=lora_cfg)
+    if args.json:
+        print(json.dumps(rep.to_json(args.budget) | ({"steps": args.steps, "steps_flops": args.steps * rep.train_step_coursework} if args.steps else {})))
+    else:
+        print_table(rep, args.budget, args.steps)
+
+
+if __name__ == "__main__":
+    run_cli(main)
