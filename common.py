@@ -48,6 +48,26 @@ def atomic_path(path: str | os.PathLike):
             os.remove(tmp)
 
 
+@contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield a fresh temporary folder beside `path`; on success it replaces `path` by renames, so a
+    reader sees the old folder or the new one, never a half-written one."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new-"))
+    try:
+        yield tmp
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")

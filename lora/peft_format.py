@@ -57,6 +57,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"adapter folder not found: {path}")
+    if not (path / CONFIG_NAME).is_file() and (path / "checkpoint" / CONFIG_NAME).is_file():
+        path = path / "checkpoint"  # a training run's folder: use its latest checkpoint
     if not (path / CONFIG_NAME).is_file():
         raise UserError(f"{path} has no {CONFIG_NAME}: not a PEFT adapter folder")
     if not (path / WEIGHTS_NAME).is_file():

@@ -1,0 +1,251 @@
+"""The optimizer, the loss, and the training loop: learning, exact resume, budget, errors."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import lora
+import train
+from common import UserError
+from model.loss import lm_loss_sum
+from model.tiny import tiny_model
+from optim import AdamW, clip_grad_norm, lr_at
+from tests.conftest import ROOT
+
+TINY = ["--model", "tiny", "--systems", "12", "--context-length", "64", "--batch-size", "2", "--eval-every", "5",
+        "--eval-batches", "2", "--lr", "3e-3"]
+
+
+def run(tmp_path, *extra, out="run"):
+    return train.train(TINY + ["--out", str(tmp_path / out), *map(str, extra)])
+
+
+def records(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------- optimizer
+def test_adamw_matches_torch():
+    torch.manual_seed(0)
+    ours_p = {f"p{i}": torch.nn.Parameter(torch.randn(5, 3)) for i in range(3)}
+    ref_p = [torch.nn.Parameter(p.detach().clone()) for p in ours_p.values()]
+    ours = AdamW(ours_p, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ref = torch.optim.AdamW(ref_p, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for step in range(20):
+        grads = [torch.randn(5, 3) * (step + 1) for _ in ref_p]
+        for p, q, g in zip(ours_p.values(), ref_p, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    for p, q in zip(ours_p.values(), ref_p):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(ours.m[next(k for k, v in ours_p.items() if v is p)], ref.state[q]["exp_avg"], atol=1e-6, rtol=1e-6)
+
+
+def test_adamw_eps_outside_sqrt_and_decay_times_lr():
+    p = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = AdamW({"p": p}, lr=0.1, betas=(0.9, 0.999), eps=0.5, weight_decay=0.2)
+    p.grad = torch.tensor([0.01])
+    opt.step()
+    # decay: 1 - 0.1*0.2; m_hat = g, v_hat = g^2 -> update = lr * g / (|g| + eps)
+    assert p.item() == pytest.approx((1 - 0.02) - 0.1 * 0.01 / (0.01 + 0.5), rel=1e-6)
+
+
+def test_clip_reports_the_pre_clip_norm():
+    ps = [torch.nn.Parameter(torch.zeros(2)) for _ in range(2)]
+    ps[0].grad, ps[1].grad = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])
+    assert clip_grad_norm(ps, 1.0) == pytest.approx(5.0)
+    assert math.sqrt(sum(float(p.grad.pow(2).sum()) for p in ps)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_lr_schedules():
+    assert [lr_at(s, 1.0, 10, warmup=4) for s in (1, 2, 4, 5, 10)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    assert lr_at(4, 1.0, 10, warmup=4, schedule="cosine") == 1.0
+    assert lr_at(10, 1.0, 10, warmup=4, schedule="cosine") == pytest.approx(0.0)
+    assert lr_at(7, 1.0, 10, warmup=4, schedule="cosine") == pytest.approx(0.5)
+    assert lr_at(7, 1.0, 10, warmup=4, schedule="linear") == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------------------------------- loss
+@pytest.mark.parametrize("chunk", [1, 5, 512])
+def test_chunked_loss_equals_full_logits_cross_entropy(chunk):
+    model = tiny_model()
+    lora.apply_lora(model, rank=4, verbose=False)
+    with torch.no_grad():
+        for p in lora.lora_parameters(model).values():
+            p.normal_(0, 0.05)
+    ids = torch.randint(0, 79, (3, 12), generator=torch.Generator().manual_seed(0))
+    real = torch.ones(3, 12, dtype=torch.bool)
+    real[1, 7:] = False
+    s, n = lm_loss_sum(model, ids, real, chunk)
+    (s / n).backward()
+    ours = {k: p.grad.clone() for k, p in lora.lora_parameters(model).items()}
+    model.zero_grad()
+    keep = real[:, 1:]
+    ref = F.cross_entropy(model(ids)[:, :-1][keep].float(), ids[:, 1:][keep])
+    ref.backward()
+    assert n == int(keep.sum())
+    torch.testing.assert_close(s / n, ref, atol=1e-5, rtol=1e-6)
+    for k, p in lora.lora_parameters(model).items():
+        torch.testing.assert_close(ours[k], p.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_accumulation_averages_over_tokens():
+    """4 micro-batches with different padding = one batch of all of them."""
+    from data.windows import TokenWindows
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 79, (8, 16), generator=g)
+    real = torch.ones(8, 16, dtype=torch.bool)
+    for i, n in enumerate([16, 3, 9, 16, 12, 2, 16, 7]):
+        real[i, n:] = False
+    windows = TokenWindows(ids, real)
+    grads = []
+    for micro in ([torch.arange(8)], [torch.arange(2 * i, 2 * i + 2) for i in range(4)]):
+        model = tiny_model()
+        torch.manual_seed(0)
+        lora.apply_lora(model, rank=4, verbose=False)
+        with torch.no_grad():
+            for p in lora.lora_parameters(model).values():
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+        loss, _ = train.accumulated_step(model, windows, micro, lambda: torch.autocast("cpu", enabled=False), 512)
+        grads.append((loss, {k: p.grad.clone() for k, p in lora.lora_parameters(model).items()}))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    for k in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][k], grads[1][1][k], atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- loop
+def test_tiny_model_learns(tmp_path):
+    out = run(tmp_path, "--steps", "40")
+    losses = [r["loss"] for r in records(tmp_path / "run") if "loss" in r]
+    assert out["stopped"] == "done" and len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    vals = [r["val_loss"] for r in records(tmp_path / "run") if "val_loss" in r]
+    assert vals[-1] < vals[0]
+
+
+def test_outputs_config_metrics_and_adapter_only(tmp_path):
+    run(tmp_path, "--steps", "6")
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["scaler"]["alpha"] > 0 and cfg["args"]["rank"] == 8 and cfg["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    recs = records(tmp_path / "run")
+    step_rec = next(r for r in recs if "loss" in r)
+    assert set(step_rec) >= {"step", "loss", "lr", "grad_norm", "tokens", "flops", "time"}
+    assert {"step", "val_loss", "val_ppl"} <= set(next(r for r in recs if "val_loss" in r))
+    keys = load_file(tmp_path / "run" / "checkpoint" / "adapter_model.safetensors").keys()
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
+
+
+def test_base_weights_are_bit_identical_after_training(tmp_path, monkeypatch):
+    captured = {}
+    real_apply = lora.apply_lora
+
+    def spy(model, **kw):
+        captured["model"] = model
+        captured["base"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return real_apply(model, **kw)
+
+    monkeypatch.setattr(train.lora, "apply_lora", spy)
+    run(tmp_path, "--steps", "5", "--weight-decay", "0.1")
+    model = captured["model"]
+    for name, p in model.named_parameters():
+        if ".lora_" not in name:
+            assert torch.equal(p, captured["base"][name]), name
+            assert p.grad is None
+
+
+def test_resume_is_exact(tmp_path):
+    common = ["--dropout", "0.1", "--weight-decay", "0.01", "--save-every", "5"]
+    run(tmp_path, "--steps", "10", *common, out="once")
+    run(tmp_path, "--steps", "5", *common, out="twice")
+    train.train(["--resume", str(tmp_path / "twice"), "--steps", "10"])
+    a = load_file(tmp_path / "once" / "checkpoint" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "twice" / "checkpoint" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(tmp_path / "once" / "checkpoint" / "trainer_state.pt", weights_only=True)
+    sb = torch.load(tmp_path / "twice" / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert sa["step"] == sb["step"] == 10 and sa["data"] == sb["data"] and sa["flops"] == sb["flops"]
+    for key in ("m", "v"):
+        assert all(torch.equal(sa["optimizer"][key][k], sb["optimizer"][key][k]) for k in sa["optimizer"][key])
+    steps = [r["step"] for r in records(tmp_path / "twice") if "loss" in r]
+    assert steps == list(range(1, 11))
+    assert [r["loss"] for r in records(tmp_path / "once") if "loss" in r] == \
+           [r["loss"] for r in records(tmp_path / "twice") if "loss" in r]
+
+
+def test_flop_budget_stops_at_the_right_step(tmp_path, capsys):
+    probe = run(tmp_path, "--steps", "1", "--eval-every", "1000", out="probe")
+    step, evalc = probe["step_flops"], probe["eval_flops"]
+    # room for 3 steps plus the eval at step 5 would not fit: the run must stop after step 3
+    budget = 3 * step + step // 2
+    out = run(tmp_path, "--steps", "20", "--max-flops", str(budget), out="budget")
+    assert out["stopped"] == "budget" and out["step"] == 3 and out["flops"] == 3 * step <= budget
+    assert "FLOP budget reached: stopped after step 3" in capsys.readouterr().err
+    state = torch.load(tmp_path / "budget" / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 3
+    # an evaluation counts too: with the eval due at step 5, 5 steps + eval must fit
+    out = run(tmp_path, "--steps", "20", "--max-flops", str(5 * step + evalc - 1), out="budget-eval")
+    assert out["step"] == 4
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real_step = train.accumulated_step
+    calls = {"n": 0}
+
+    def nan_on_fifth(*a, **kw):  # a loss that diverges at step 5, after checkpoints at steps 2 and 4
+        calls["n"] += 1
+        loss, n = real_step(*a, **kw)
+        return (float("nan") if calls["n"] == 5 else loss), n
+
+    monkeypatch.setattr(train, "accumulated_step", nan_on_fifth)
+    with pytest.raises(UserError, match=r"non-finite at step 5 .*last good checkpoint \(step 4\) is kept"):
+        run(tmp_path, "--steps", "20", "--save-every", "2")
+    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 4
+    assert max(r["step"] for r in records(tmp_path / "run")) == 4
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
+    real_step = train.accumulated_step
+    calls = {"n": 0}
+
+    def interrupt_on_fourth(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(train, "accumulated_step", interrupt_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "--steps", "10", "--save-every", "100")
+    assert torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 3
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rank", "0"], "--rank must be at least 1"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--data", "/nonexistent/lv.h5"], "data file not found"),
+    (["--context-length", "6"], "shorter than one timestep"),
+    (["--targets", "lm_head"], "lm_head"),
+])
+def test_bad_flags_and_data_are_clear_errors(tmp_path, flags, message):
+    with pytest.raises(UserError, match=message):
+        run(tmp_path, "--steps", "2", *flags)
+
+
+def test_cli_exit_code_and_existing_run(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "--model", "tiny", "--rank", "0"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --rank must be at least 1"
+    run(tmp_path, "--steps", "2")
+    with pytest.raises(UserError, match="already holds a run; continue it with --resume"):
+        run(tmp_path, "--steps", "2")
+    with pytest.raises(UserError, match="no checkpoint to resume|run config"):
+        train.train(["--resume", str(tmp_path / "nothing-here")])
