@@ -1,0 +1,349 @@
+"""Forecasting quality: does fine-tuning move the number? The base model and any adapters side by side.
+
+    python eval.py --model Qwen/Qwen2.5-0.5B-Instruct --adapter runs/lv --systems 100
+    python eval.py --model tiny --adapter runs/tiny --horizon 10 --json results.json --plots plots/
+
+For each system of the chosen split, the first `--context-steps` timesteps are written as LLMTIME text
+(scaled with the run's stored alpha for an adapter, and with alpha fitted on the data's training split
+for the base model), the model continues the text, and the continuation is decoded, scaled back and
+compared with the true next `--horizon` steps in the original units.
+
+Decoding is constrained to what the format can contain (digits, '.', ',', ';' and the end tokens) and
+stops after `horizon` timesteps. Several samples (`--samples N --temperature T`) are combined by their
+median per timestep and variable. A forecast that cannot be read in full is never dropped:
+
+- invalid: the continuation had malformed timesteps; only the well-formed timesteps before the first
+  malformed one are kept (after it, the time alignment is unknown);
+- short:   fewer than `horizon` usable timesteps; the rest is filled by repeating the last usable
+  forecast value (or the last context value if there is none), i.e. the naive forecast from there on.
+
+Both are counted and reported. Baselines on the same systems: naive_last (repeat the last observed
+value) and naive_linear (extend the line through the last two observed values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import lora
+from common import UserError, parse_device, parse_dtype, read_json, run_cli, write_json
+from data import Scaler, decode, forecast_task, load_trajectories, make_windows, split_indices, trajectory_texts
+from model import DEFAULT_MODEL, generate, load_pretrained
+from model.loss import lm_loss_sum
+
+FORMAT_CHARS = "0123456789.,;"
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def error_metrics(forecast: np.ndarray, target: np.ndarray) -> dict:
+    """MAE / MSE / RMSE of (N, H, 2) forecasts, overall, per variable and per horizon step."""
+    err = np.asarray(forecast, dtype=np.float64) - np.asarray(target, dtype=np.float64)
+
+    def summary(e):
+        mse = float(np.mean(e**2))
+        return {"mae": float(np.mean(np.abs(e))), "mse": mse, "rmse": math.sqrt(mse)}
+
+    return {**summary(err), "prey": summary(err[..., 0]), "predator": summary(err[..., 1]),
+            "per_step": [{"step": k + 1, **summary(err[:, k])} for k in range(err.shape[1])],
+            "per_system_mae": np.mean(np.abs(err), axis=(1, 2)).tolist()}
+
+
+def naive_last(context: np.ndarray, horizon: int) -> np.ndarray:
+    """(N, K, 2) -> (N, H, 2): the last observed value, repeated."""
+    return np.repeat(context[:, -1:], horizon, axis=1)
+
+
+def naive_linear(context: np.ndarray, horizon: int) -> np.ndarray:
+    """(N, K, 2) -> (N, H, 2): last + k * (last - previous), k = 1..H (needs K >= 2)."""
+    slope = context[:, -1] - context[:, -2] if context.shape[1] > 1 else np.zeros_like(context[:, -1])
+    k = np.arange(1, horizon + 1)[None, :, None]
+    return context[:, -1:] + k * slope[:, None]
+
+
+def complete_forecast(text: str, horizon: int, decimals: int, fallback: np.ndarray) -> tuple[np.ndarray, bool, bool]:
+    """Decode one continuation into exactly `horizon` scaled timesteps; returns (values, invalid, short).
+
+    Keeps the well-formed steps before the first malformed one; pads a short forecast by repeating its
+    last value (or `fallback`, the last context value, when nothing could be read)."""
+    decoded = decode(text, n_vars=2, decimals=decimals)
+    steps = decoded.aligned[:horizon]
+    invalid = decoded.malformed > 0 and decoded.first_bad is not None and decoded.first_bad < horizon
+    short = len(steps) < horizon
+    if short:
+        last = steps[-1] if len(steps) else fallback
+        steps = np.concatenate([steps.reshape(-1, 2), np.repeat(last[None], horizon - len(steps), axis=0)])
+    return steps, bool(invalid), bool(short)
+
+
+def median_of_samples(samples: np.ndarray) -> np.ndarray:
+    """(S, N, H, 2) -> (N, H, 2): the median per system, timestep and variable."""
+    return np.median(samples, axis=0)
+
+
+# -------------------------------------------------------------------------------------- generation
+def allowed_token_ids(tok) -> list[int]:
+    ids = []
+    for c in FORMAT_CHARS:
+        i = tok.token_to_id(c)
+        if i is None:
+            raise UserError(f"the tokenizer has no single token for {c!r}; LLMTIME needs one per digit and separator")
+        ids.append(i)
+    return ids + list(tok.eos_ids)
+
+
+def stop_after(horizon: int, separator_id: int):
+    return lambda tokens: tokens.count(separator_id) >= horizon
+
+
+def generate_forecasts(model, tok, prompts: list[str], horizon: int, decimals: int, samples: int = 1,
+                       temperature: float = 0.0, batch_size: int = 16, seed: int = 0, progress: bool = False) -> list[list[str]]:
+    """Continuations per prompt (`samples` of each), batched with left padding and a KV cache."""
+    device = next(model.parameters()).device
+    allowed = allowed_token_ids(tok)
+    sep = tok.token_to_id(";")
+    # a step is at most "ddd.dd,ddd.dd;" at 3 integer digits: generous room, stopped early by `stop`
+    max_new = horizon * (2 * (4 + decimals) + 2)
+    requests = [(i, p) for i in range(len(prompts)) for p in [prompts[i]] * samples]
+    texts: list[list[str]] = [[] for _ in prompts]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    encoded = tok.encode_batch([p for _, p in requests])
+    bar = tqdm(total=len(requests), desc="forecast", disable=not progress, file=sys.stderr)
+    for s in range(0, len(requests), batch_size):
+        chunk = encoded[s : s + batch_size]
+        new = generate(model, chunk, max_new, temperature=temperature, eos_ids=tok.eos_ids,
+                       vocab_limit=tok.vocab_size, allowed_ids=allowed, stop=stop_after(horizon, sep),
+                       generator=gen, pad_id=tok.pad_id)
+        for (i, _), ids in zip(requests[s : s + batch_size], new):
+            texts[i].append(tok.decode(ids, skip_special_tokens=True))
+        bar.update(len(chunk))
+    bar.close()
+    return texts
+
+
+def evaluate_forecasts(texts: list[list[str]], task, scaler: Scaler, decimals: int, horizon: int) -> dict:
+    """Decode, complete, aggregate (median), unscale; then the metrics and the invalid/short counts."""
+    n, samples = len(texts), len(texts[0])
+    out = np.zeros((samples, n, horizon, 2))
+    invalid = short = 0
+    for i, system_texts in enumerate(texts):
+        fallback = scaler.scale(task.context[i, -1])
+        for j, text in enumerate(system_texts):
+            values, bad, cut = complete_forecast(text, horizon, decimals, fallback)
+            out[j, i] = values
+            invalid, short = invalid + bad, short + cut
+    forecast = scaler.unscale(median_of_samples(out))
+    return {**error_metrics(forecast, task.target), "invalid": invalid, "short": short,
+            "forecasts": int(n * samples), "forecast_values": forecast}
+
+
+@torch.no_grad()
+def text_loss(model, tok, values: np.ndarray, scaler: Scaler, decimals: int, context_length: int, batch_size: int) -> dict:
+    """Teacher-forced loss per token (and perplexity) on the systems' full LLMTIME text."""
+    texts = trajectory_texts(values, scaler, decimals)
+    windows = make_windows(tok.encode_batch(texts), context_length, max(1, context_length // 2), tok.pad_id)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for s in range(0, len(windows), batch_size):
+        loss_sum, k = lm_loss_sum(model, windows.input_ids[s : s + batch_size].to(device),
+                                  windows.real[s : s + batch_size].to(device))
+        total, count = total + float(loss_sum), count + k
+    loss = total / max(count, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 700))}
+
+
+# -------------------------------------------------------------------------------------------- runs
+def run_settings(adapter: str) -> tuple[Path, dict | None]:
+    """(adapter folder, the training run's config or None) for a run folder or an adapter folder."""
+    path = Path(adapter)
+    if not path.exists():
+        raise UserError(f"adapter or run folder not found: {adapter}")
+    for candidate in (path / "config.json", path.parent / "config.json"):
+        if candidate.is_file():
+            cfg = read_json(candidate, what="run config")
+            if isinstance(cfg, dict) and "scaler" in cfg:
+                return path, cfg
+    return path, None
+
+
+def print_table(results: dict, header: str) -> None:
+    print(header)
+    cols = f"{'':<28}{'MAE':>10}{'MSE':>11}{'RMSE':>10}{'prey MAE':>10}{'pred MAE':>10}{'invalid':>9}{'short':>7}"
+    print(cols)
+    for name, r in results.items():
+        label = name if len(name) <= 27 else "..." + name[-24:]
+        extra = f"{r['invalid']:>9}{r['short']:>7}" if "invalid" in r else f"{'—':>9}{'—':>7}"
+        print(f"{label:<28}{r['mae']:>10.4f}{r['mse']:>11.4f}{r['rmse']:>10.4f}{r['prey']['mae']:>10.4f}"
+              f"{r['predator']['mae']:>10.4f}{extra}")
+    if any("loss" in r for r in results.values()):
+        print(f"\n{'':<28}{'text loss':>10}{'ppl':>11}")
+        for name, r in results.items():
+            if "loss" in r:
+                print(f"{(name if len(name) <= 27 else '...' + name[-24:]):<28}{r['loss']:>10.4f}{r['ppl']:>11.4g}")
+
+
+def make_plots(folder: Path, task, forecasts: dict[str, np.ndarray], results: dict, n_systems: int = 4) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plots needs matplotlib: pip install matplotlib") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    K, H = task.context.shape[1], task.target.shape[1]
+    written = []
+    fig, axes = plt.subplots(min(n_systems, len(task.target)), 2, figsize=(11, 2.6 * min(n_systems, len(task.target))), squeeze=False)
+    for i, row in enumerate(axes):
+        for v, (ax, label) in enumerate(zip(row, ("prey", "predator"))):
+            ax.plot(range(K), task.context[i, :, v], color="black", lw=1, label="context")
+            last = task.context[i, -1:, v]  # start each continuation at the last observed point
+            ax.plot(range(K - 1, K + H), np.concatenate([last, task.target[i, :, v]]), color="black", ls="--", lw=1, label="truth")
+            for name, f in forecasts.items():
+                ax.plot(range(K - 1, K + H), np.concatenate([last, f[i, :, v]]), lw=1.2, label=name)
+            ax.set_title(f"system {i}: {label}", fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    written.append(folder / "forecasts.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results.items():
+        ax.plot([s["step"] for s in r["per_step"]], [s["mae"] for s in r["per_step"]], marker=".", label=name)
+    ax.set_xlabel("horizon step")
+    ax.set_ylabel("MAE (original units)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(folder / "error_vs_horizon.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results.items():
+        ax.hist(r["per_system_mae"], bins=20, alpha=0.5, label=name)
+    ax.set_xlabel("per-system MAE")
+    ax.set_ylabel("systems")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(folder / "error_histogram.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    return written
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model", default=DEFAULT_MODEL, help="base model: hub id, checkpoint folder or 'tiny'")
+    a("--adapter", action="append", default=[], help="a training run folder or adapter folder (repeatable)")
+    a("--no-base", action="store_true", help="skip the base model (evaluate adapters and baselines only)")
+    a("--data", default=None, help="HDF5 file (default: the built-in simulated dataset)")
+    a("--data-seed", type=int, default=0, help="seed of the simulated data and the split (as in train.py)")
+    a("--split", default="test", choices=["train", "val", "test"])
+    a("--context-steps", type=int, default=50)
+    a("--horizon", type=int, default=20)
+    a("--samples", type=int, default=1)
+    a("--temperature", type=float, default=0.0)
+    a("--systems", type=int, default=None, help="evaluate the first N systems of the split")
+    a("--batch-size", type=int, default=16)
+    a("--decimals", type=int, default=2, help="for the base model (a run uses its own)")
+    a("--loss", action="store_true", help="also report the teacher-forced loss and perplexity of the text")
+    a("--context-length", type=int, default=512, help="window length for --loss")
+    a("--json", default=None, help="write the results to this file")
+    a("--plots", default=None, help="write plots to this folder (needs matplotlib)")
+    a("--seed", type=int, default=0)
+    a("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    a("--device", default="auto")
+    args = p.parse_args(argv)
+    if args.samples < 1 or args.horizon < 1 or args.context_steps < 1 or args.batch_size < 1:
+        raise UserError("--samples, --horizon, --context-steps and --batch-size must be at least 1")
+    if args.temperature < 0:
+        raise UserError("--temperature must be >= 0")
+    if args.samples > 1 and args.temperature == 0:
+        raise UserError("--samples > 1 needs --temperature > 0 (greedy samples would all be the same)")
+    if args.no_base and not args.adapter:
+        raise UserError("--no-base leaves nothing to evaluate; pass --adapter")
+    if args.systems is not None and args.systems < 1:
+        raise UserError("--systems must be at least 1")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = parse_device(args.device)
+    runs = {adapter: run_settings(adapter) for adapter in args.adapter}
+    # The dataset and split a run was trained on (so "test" means systems it never saw), unless --data says otherwise.
+    data_args = {"data": args.data, "data_seed": args.data_seed, "systems": None}
+    trained_on = [cfg["args"] for _, cfg in runs.values() if cfg is not None]
+    if trained_on and args.data is None:
+        data_args = {k: trained_on[0].get(k) for k in data_args}
+        if any({k: a.get(k) for k in data_args} != data_args for a in trained_on[1:]):
+            print("note: the runs were trained on different data; using the first run's", file=sys.stderr)
+    traj = load_trajectories(data_args["data"], n=1000, seed=data_args["data_seed"])
+    dataset = traj.values[: data_args["systems"]] if data_args["systems"] else traj.values
+    split = split_indices(len(dataset), seed=data_args["data_seed"])
+    values = dataset[split[args.split]][: args.systems]
+    base_model, tok = load_pretrained(args.model, dtype=parse_dtype(args.dtype), device=device)
+    fitted = Scaler.fit(dataset[split["train"]])
+
+    variants = []  # (name, model, scaler, decimals)
+    if not args.no_base:
+        variants.append((str(args.model), base_model, fitted, args.decimals))
+    for adapter, (path, run_cfg) in runs.items():
+        model = copy.deepcopy(base_model)
+        lora.load_adapter(model, path)
+        model.eval()
+        if run_cfg is None:
+            print(f"note: {adapter} has no training-run config.json; scaling as for the base model", file=sys.stderr)
+            scaler, decimals = fitted, args.decimals
+        else:
+            scaler, decimals = Scaler.from_dict(run_cfg["scaler"]), int(run_cfg["args"]["decimals"])
+        variants.append((adapter, model, scaler, decimals))
+
+    results, forecasts = {}, {}
+    task0 = None
+    for name, model, scaler, decimals in variants:
+        task = forecast_task(values, scaler, decimals, args.context_steps, args.horizon)
+        task0 = task0 or task
+        trained_len = runs.get(name, (None, None))[1]
+        trained_len = trained_len["args"]["context_length"] if trained_len else None
+        longest = max(len(ids) for ids in tok.encode_batch(task.prompts)) + args.horizon * (2 * (2 + decimals) + 2)
+        if trained_len and longest > trained_len:
+            print(f"note: {name}: prompts + forecasts reach ~{longest} tokens, beyond the {trained_len}-token windows "
+                  f"it was trained on; fewer --context-steps keep it in familiar territory", file=sys.stderr)
+        texts = generate_forecasts(model, tok, task.prompts, args.horizon, decimals, args.samples, args.temperature,
+                                   args.batch_size, args.seed, progress=True)
+        r = evaluate_forecasts(texts, task, scaler, decimals, args.horizon)
+        forecasts[name] = r.pop("forecast_values")
+        if args.loss:
+            r.update(text_loss(model, tok, values, scaler, decimals, args.context_length, args.batch_size))
+        r["alpha"], r["decimals"] = scaler.alpha, decimals
+        results[name] = r
+    results["naive_last"] = error_metrics(naive_last(task0.context, args.horizon), task0.target)
+    results["naive_linear"] = error_metrics(naive_linear(task0.context, args.horizon), task0.target)
+
+    report = {"systems": len(values), "context_steps": args.context_steps, "horizon": args.horizon,
+              "split": args.split, "samples": args.samples, "temperature": args.temperature,
+              "data": traj.source, "results": results}
+    print_table(results, f"{len(values)} {args.split} systems, {args.context_steps} context steps, horizon "
+                         f"{args.horizon}, {args.samples} sample(s) at temperature {args.temperature} (errors in original units)")
+    if args.json:
+        write_json(args.json, report)
+    if args.plots:
+        for path in make_plots(Path(args.plots), task0, forecasts, results):
+            print(f"wrote {path}", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main)
