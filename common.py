@@ -82,6 +82,26 @@ def read_json(path: str | os.PathLike, what: str = "file"):
         raise UserError(f"{what} {path} is not valid JSON ({e})") from None
 
 
+def reuse_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the OS (Linux only).
+
+    A training step allocates and frees gigabytes of activations. By default glibc hands blocks over
+    32 MB straight back to the OS, and the next step faults every page in again, which on virtual
+    machines costs seconds per step. Keeping them makes later steps reuse warm memory; the peak
+    resident size is the same. Returns whether the setting took effect.
+    """
+    if sys.platform != "linux":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 62))
+    except (OSError, AttributeError):
+        return False  # not glibc (musl, macOS): nothing to do
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import flops
 import lora
-from common import UserError, atomic_dir, parse_device, read_json, run_cli, write_json
+from common import UserError, atomic_dir, parse_device, read_json, reuse_freed_memory, run_cli, write_json
 from data import Scaler, load_trajectories, make_windows, split_indices, trajectory_texts
 from model import DEFAULT_MODEL, load_pretrained
 from model.loss import lm_loss_sum
@@ -222,6 +222,17 @@ def accumulated_step(model, windows, micro_batches, autocast, chunk: int):
     return total / n_targets, n_targets
 
 
+def optimizer_step(model, opt: AdamW, windows, micro_batches, lr: float, clip: float, autocast, chunk: int):
+    """One training step: accumulate, clip, AdamW. A non-finite loss or gradient skips the update (the
+    caller stops the run). Returns (loss, target tokens, pre-clip gradient norm). bench/ times this."""
+    loss, n_targets = accumulated_step(model, windows, micro_batches, autocast, chunk)
+    grad_norm = clip_grad_norm(opt.params.values(), clip)
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        opt.step(lr)
+    opt.zero_grad()
+    return loss, n_targets, grad_norm
+
+
 @torch.no_grad()
 def evaluate(model, windows, batch_size: int, n_batches: int, autocast, chunk: int) -> float:
     """Mean loss per target token over the first n_batches x batch_size validation windows."""
@@ -256,6 +267,7 @@ def train(argv=None) -> dict:
     use_autocast = device.type == "cuda" and dtype == torch.bfloat16
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
 
+    reuse_freed_memory()
     torch.manual_seed(args.seed)
     model, tok = load_pretrained(args.model, dtype=dtype, device=device)
     lora.apply_lora(model, rank=args.rank, alpha=args.alpha, targets=args.targets, dropout=args.dropout)
@@ -316,13 +328,11 @@ def train(argv=None) -> dict:
                 break
             lr = lr_at(next_step, args.lr, args.steps, args.warmup, args.schedule)
             micro = [order.next(args.batch_size) for _ in range(args.grad_accum)]
-            loss, n_targets = accumulated_step(model, windows["train"], micro, autocast, args.loss_chunk)
-            grad_norm = clip_grad_norm(params.values(), args.clip)
+            loss, n_targets, grad_norm = optimizer_step(model, opt, windows["train"], micro, lr, args.clip, autocast,
+                                                        args.loss_chunk)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 stopped = "nan"
                 break
-            opt.step(lr)
-            opt.zero_grad()
             step, used, used_hw = next_step, used + step_cw, used_hw + step_hw
             tokens += args.grad_accum * args.batch_size * args.context_length
             elapsed = time.perf_counter() - t0

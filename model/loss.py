@@ -24,10 +24,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for s in range(0, hidden.shape[0], chunk):
             h, y = hidden[s : s + chunk], targets[s : s + chunk]
             logits = (h @ weight.T).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            target_logit = logits.gather(1, y[:, None]).squeeze(1)  # (n,)
+            # a stable log-sum-exp written in place: no (n, V) temporaries beyond the logits themselves
+            peak = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+            sums = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)  # logits now hold exp(l - max)
+            lse = (peak + sums.log()).squeeze(1)  # (n,)
+            total += (lse - target_logit).sum()
             if need_h or need_w:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs = logits.div_(sums)  # softmax, in place
                 probs[torch.arange(len(y), device=y.device), y] -= 1.0  # d CE / d logits
                 probs = probs.to(weight.dtype)
                 if need_h:

@@ -131,6 +131,27 @@ class Attention(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ MLP
+class SwiGLUProduct(torch.autograd.Function):
+    """silu(gate) * up, saving only `gate` and `up` for the backward pass.
+
+    Autograd would also keep silu(gate), a third (B, T, I) tensor per layer: for Qwen2.5-0.5B at 4 x 512
+    tokens that is 40 MB x 24 layers of memory, recomputed here in the backward for a few elementwise ops.
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        d_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        # torch's fused kernel for (grad * up) * silu'(gate): one pass instead of six temporaries
+        d_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        return d_gate, d_up
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
 
@@ -141,7 +162,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, D)
+        gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, I) each
+        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+            return self.down_proj(SwiGLUProduct.apply(gate, up))  # (B, T, D)
+        return self.down_proj(F.silu(gate) * up)  # (B, T, D)
 
 
 # ---------------------------------------------------------------------------------------------- block

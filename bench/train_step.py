@@ -1,0 +1,202 @@
+"""Time our LoRA training step against transformers + PEFT, on Qwen2.5-0.5B's shape with random weights.
+
+    python bench/train_step.py                    # ours only
+    python bench/train_step.py --reference        # ours and transformers + PEFT, alternating
+
+Ours is the exact step train.py takes (`train.optimizer_step`: chunked loss, backward, clipping, our
+AdamW); the reference is Qwen2ForCausalLM + PEFT LoRA with `labels=` loss, backward, clipping and
+torch.optim.AdamW. Both: LoRA r=8, alpha 16 on q_proj and v_proj, batch x seq tokens without padding.
+Each side lives in its own process (so each one's peak memory is its own) and the parent alternates
+steps between them after the warm-up. Printed per side: median and min seconds per step, tokens/s,
+achieved FLOP/s (flops.py's hardware count of the step), its share of this machine's measured matmul
+peak, and peak memory (RSS on CPU, max allocated on CUDA); then ours / reference. Results are
+appended to bench/results.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import time
+
+import _util  # noqa: F401  (puts the repository on sys.path)
+import torch
+
+from _util import append_result, machine, matmul_peak, peak_memory, reset_peak_memory, summarize, sync
+
+QWEN_SHAPE = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+                  max_position_embeddings=32768, tie_word_embeddings=True)
+
+
+def build_ours(dtype, device):
+    import lora
+    from model import ModelConfig, Transformer
+    from model.tiny import init_random_weights
+    from optim import AdamW
+
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(**QWEN_SHAPE, head_dim=64))
+    model = model.to_empty(device="cpu")
+    model.tie_weights()
+    init_random_weights(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.05)  # keep activations of a random 24-layer stack in a sane range
+    model = model.to(dtype=dtype, device=device)
+    torch.manual_seed(0)
+    lora.apply_lora(model, rank=8, alpha=16, targets=("q_proj", "v_proj"), verbose=False)
+    model.train()
+    return model, AdamW(lora.lora_parameters(model), lr=1e-4)
+
+
+def build_reference(dtype, device):
+    import peft
+    import transformers
+
+    config = transformers.Qwen2Config(**QWEN_SHAPE)
+    model = transformers.Qwen2ForCausalLM(config).to(dtype=dtype, device=device)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                       task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=1e-4)
+
+
+def worker(side: str, conn, dtype_name: str, device_name: str, batch: int, seq: int, threads: int | None,
+           reuse_memory: bool):
+    if threads:
+        torch.set_num_threads(threads)
+    if side == "ours" and reuse_memory:
+        from common import reuse_freed_memory
+
+        reuse_freed_memory()  # as train.py does
+    dtype, device = getattr(torch, dtype_name), torch.device(device_name)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 151643, (batch, seq), generator=g)
+    if side == "ours":
+        import contextlib
+
+        import train
+        from data.windows import TokenWindows
+
+        model, opt = build_ours(dtype, device)
+        windows = TokenWindows(ids, torch.ones_like(ids, dtype=torch.bool))
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and dtype == torch.bfloat16 \
+            else contextlib.nullcontext
+
+        def step():
+            train.optimizer_step(model, opt, windows, [torch.arange(batch)], 1e-4, 1.0, autocast, 512)
+    else:
+        model, opt = build_reference(dtype, device)
+        x = ids.to(device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and dtype == torch.bfloat16 \
+            else (lambda: torch.autocast("cpu", enabled=False))
+
+        def step():
+            with autocast():
+                loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    conn.send("ready")
+    while True:
+        msg = conn.recv()
+        if msg == "step":
+            sync(device)
+            t = time.perf_counter()
+            step()
+            sync(device)
+            conn.send(time.perf_counter() - t)
+        elif msg == "reset":
+            reset_peak_memory(device)
+            conn.send("ok")
+        elif msg == "peak":
+            conn.send(peak_memory(device))
+        else:
+            return
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reference", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-reuse-memory", action="store_true",
+                   help="leave glibc's default of returning freed memory to the OS (train.py keeps it)")
+    args = p.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    dtype = getattr(torch, args.dtype)
+
+    import flops
+    from model import ModelConfig
+
+    rep = flops.count(ModelConfig(**QWEN_SHAPE, head_dim=64), args.batch, args.seq,
+                      lora={"r": 8, "target_modules": ["q_proj", "v_proj"]})
+    step_flops = rep.train_step_hardware
+    peak = matmul_peak(dtype, device, size=2048 if dtype == torch.float32 or device.type == "cuda" else 512)
+    info = machine()
+    print(f"{info['cpu']} ({info['threads']} threads), torch {info['torch']}, device {device}, {args.dtype}")
+    print(f"measured matmul peak {peak / 1e9:.1f} GFLOP/s; one step = {step_flops / 1e12:.3f} TFLOP (flops.py, hardware)")
+
+    ctx = mp.get_context("spawn")
+    sides = ["ours"] + (["reference"] if args.reference else [])
+    procs, conns = {}, {}
+    for side in sides:  # start one at a time, so the two set-ups do not add up in memory
+        parent, child = ctx.Pipe()
+        procs[side] = ctx.Process(target=worker, args=(side, child, args.dtype, str(device), args.batch, args.seq,
+                                                                     args.threads, not args.no_reuse_memory))
+        procs[side].start()
+        assert parent.recv() == "ready"
+        conns[side] = parent
+    times = {s: [] for s in sides}
+    try:
+        for side in sides:
+            conns[side].send("reset")
+            conns[side].recv()
+        for i in range(args.warmup + args.steps):
+            for side in sides:  # alternate, so both see the same machine state
+                conns[side].send("step")
+                t = conns[side].recv()
+                if i >= args.warmup:
+                    times[side].append(t)
+                print(f"  {side:<9} step {i + 1}{' (warm-up)' if i < args.warmup else ''}: {t:.2f} s", flush=True)
+        peaks = {}
+        for side in sides:
+            conns[side].send("peak")
+            peaks[side] = conns[side].recv()
+    finally:
+        for side in sides:
+            conns[side].send("stop")
+            procs[side].join()
+
+    tokens = args.batch * args.seq
+    record = {"bench": "train_step", "machine": info, "device": str(device), "dtype": args.dtype, "batch": args.batch,
+              "seq": args.seq, "step_flops_hardware": step_flops, "matmul_peak_flops": peak, "sides": {}}
+    print(f"\n{'':<11}{'median s':>10}{'min s':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'% peak':>8}{'peak mem GB':>13}")
+    for side in sides:
+        s = summarize(times[side])
+        rate = step_flops / s["median_s"]
+        record["sides"][side] = {**s, "tokens_per_s": tokens / s["median_s"], "flops_per_s": rate,
+                                 "share_of_peak": rate / peak, "peak_memory_bytes": peaks[side]}
+        print(f"{side:<11}{s['median_s']:>10.2f}{s['min_s']:>9.2f}{tokens / s['median_s']:>10.1f}{rate / 1e9:>9.1f}"
+              f"{100 * rate / peak:>7.1f}%{peaks[side] / 1e9:>13.2f}")
+    if args.reference:
+        o, r = record["sides"]["ours"], record["sides"]["reference"]
+        record["ratios"] = {"speed": r["median_s"] / o["median_s"], "memory": o["peak_memory_bytes"] / r["peak_memory_bytes"]}
+        print(f"\nours / reference: {record['ratios']['speed']:.2f}x the tokens/s, "
+              f"{record['ratios']['memory']:.2f}x the peak memory")
+    append_result(record)
+
+
+if __name__ == "__main__":
+    main()
