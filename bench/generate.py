@@ -1,0 +1,120 @@
+"""Time generation against transformers: prefill and decode separately, on Qwen2.5-0.5B's shape.
+
+    python bench/generate.py --reference
+
+Batch 1, a 512-token prompt, 128 new tokens, greedy, KV cache. Prefill is timed as a generation of
+one token; decode as (time for 128 tokens - prefill) / 127. Decode is bound by memory bandwidth (every
+weight is read once per token), so the script also measures the machine's copy bandwidth and prints
+the rate that bound allows: bandwidth / bytes read per token. Results go to bench/results.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import _util  # noqa: F401
+import torch
+
+from _util import append_result, copy_bandwidth, machine, sync
+from train_step import QWEN_SHAPE
+
+
+def build_ours(dtype, device):
+    from model import ModelConfig, Transformer
+    from model.tiny import init_random_weights
+
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(**QWEN_SHAPE, head_dim=64))
+    model = model.to_empty(device="cpu")
+    model.tie_weights()
+    init_random_weights(model)
+    return model.to(dtype=dtype, device=device).eval()
+
+
+def copy_weights_into_reference(ours, dtype, device):
+    """The same weights in transformers, so both sides generate the same tokens."""
+    import transformers
+
+    ref = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**QWEN_SHAPE)).eval()
+    missing, unexpected = ref.load_state_dict({k: v for k, v in ours.state_dict().items()}, strict=False)
+    assert not unexpected and all("lm_head" in m or "rotary" in m for m in missing), (missing, unexpected)
+    ref.tie_weights()
+    return ref.to(dtype=dtype, device=device)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--reference", action="store_true")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    dtype = getattr(torch, args.dtype)
+    from model import generate
+
+    ours = build_ours(dtype, device)
+    sides = {"ours": ours}
+    if args.reference:
+        sides["reference"] = copy_weights_into_reference(ours, dtype, device)
+    prompt = torch.randint(0, 151643, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+
+    def run(side: str, n_new: int):
+        sync(device)
+        t = time.perf_counter()
+        with torch.no_grad():
+            if side == "ours":
+                out = generate(ours, [prompt[0].tolist()], n_new)[0]
+            else:
+                x = prompt.to(device)
+                out = sides["reference"].generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_new,
+                                                  min_new_tokens=n_new, do_sample=False, eos_token_id=None,
+                                                  pad_token_id=0)[0, args.prompt:].tolist()
+        sync(device)
+        return time.perf_counter() - t, out
+
+    info = machine()
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    bandwidth = copy_bandwidth(device)
+    kv_bytes = 2 * ours.config.num_hidden_layers * ours.config.kv_size * (args.prompt + args.new // 2) * ours.model.embed_tokens.weight.element_size()
+    limit = bandwidth / (weight_bytes + kv_bytes)
+    print(f"{info['cpu']} ({info['threads']} threads), torch {info['torch']}, device {device}, {args.dtype}")
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; {(weight_bytes + kv_bytes) / 1e9:.2f} GB read per token "
+          f"-> decode bound {limit:.1f} tokens/s")
+    results = {s: {"prefill": [], "decode": []} for s in sides}
+    tokens = {}
+    for i in range(args.warmup + args.runs):
+        for side in sides:
+            t1, _ = run(side, 1)
+            tn, out = run(side, args.new)
+            tokens[side] = out
+            if i >= args.warmup:
+                results[side]["prefill"].append(args.prompt / t1)
+                results[side]["decode"].append((args.new - 1) / (tn - t1))
+            print(f"  {side:<9} run {i + 1}{' (warm-up)' if i < args.warmup else ''}: prefill {args.prompt / t1:.1f} "
+                  f"tok/s, decode {(args.new - 1) / (tn - t1):.2f} tok/s", flush=True)
+    record = {"bench": "generate", "machine": info, "device": str(device), "dtype": args.dtype, "prompt": args.prompt,
+              "new_tokens": args.new, "copy_bandwidth": bandwidth, "decode_bound_tokens_per_s": limit, "sides": {}}
+    print(f"\n{'':<11}{'prefill tok/s':>15}{'decode tok/s':>14}{'of bound':>10}")
+    for side, r in results.items():
+        pre, dec = statistics.median(r["prefill"]), statistics.median(r["decode"])
+        record["sides"][side] = {"prefill_tokens_per_s": pre, "decode_tokens_per_s": dec, "decode_share_of_bound": dec / limit}
+        print(f"{side:<11}{pre:>15.1f}{dec:>14.2f}{100 * dec / limit:>9.1f}%")
+    if args.reference:
+        o, r = record["sides"]["ours"], record["sides"]["reference"]
+        record["ratios"] = {"prefill": o["prefill_tokens_per_s"] / r["prefill_tokens_per_s"],
+                            "decode": o["decode_tokens_per_s"] / r["decode_tokens_per_s"]}
+        record["same_tokens"] = tokens["ours"] == tokens["reference"]
+        print(f"\nours / reference: prefill {record['ratios']['prefill']:.2f}x, decode {record['ratios']['decode']:.2f}x; "
+              f"same greedy tokens: {record['same_tokens']}")
+    append_result(record)
+
+
+if __name__ == "__main__":
+    main()
