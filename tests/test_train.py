@@ -271,8 +271,17 @@ def test_activation_checkpointing_computes_the_same_gradients():
         torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5)
 
 
-def test_reuse_freed_memory_is_harmless():
+def test_reuse_freed_memory_takes_effect_on_glibc_and_respects_user_tunables(monkeypatch):
+    import platform
+    import sys
+
     from common import reuse_freed_memory
 
-    assert reuse_freed_memory() in (True, False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=4194304")
+    assert reuse_freed_memory() is False  # the user's allocator settings win
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    on_glibc = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+    assert reuse_freed_memory() is on_glibc
+    x = torch.ones(64 << 20, dtype=torch.uint8)  # a block above glibc's default mmap threshold
+    del x
     assert torch.ones(1000).sum() == 1000
