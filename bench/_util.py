@@ -25,7 +25,7 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     try:

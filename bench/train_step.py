@@ -145,10 +145,12 @@ def main():
     rep = flops.count(ModelConfig(**QWEN_SHAPE, head_dim=64), args.batch, args.seq,
                       lora={"r": 8, "target_modules": ["q_proj", "v_proj"]})
     step_flops = rep.train_step_hardware
-    peak = matmul_peak(dtype, device, size=2048 if dtype == torch.float32 or device.type == "cuda" else 512)
+    peak_size = 2048 if dtype == torch.float32 or device.type == "cuda" else 512
+    peak_before = matmul_peak(dtype, device, size=peak_size)
     info = machine()
-    print(f"{info['cpu']} ({info['threads']} threads), torch {info['torch']}, device {device}, {args.dtype}")
-    print(f"measured matmul peak {peak / 1e9:.1f} GFLOP/s; one step = {step_flops / 1e12:.3f} TFLOP (flops.py, hardware)")
+    print(f"{info['cpu']} ({info['threads']} threads), torch {info['torch']}, device {device}, {args.dtype}"
+          + (f", GLIBC_TUNABLES={info['glibc_tunables']} (both sides)" if info["glibc_tunables"] else ""))
+    print(f"measured matmul peak {peak_before / 1e9:.1f} GFLOP/s; one step = {step_flops / 1e12:.3f} TFLOP (flops.py, hardware)")
 
     ctx = mp.get_context("spawn")
     sides = ["ours"] + (["reference"] if args.reference else [])
@@ -182,10 +184,15 @@ def main():
             conns[side].send("stop")
             procs[side].join()
 
+    # a shared virtual machine's speed drifts: the ceiling is the best of a measurement before and after
+    peak_after = matmul_peak(dtype, device, size=peak_size)
+    peak = max(peak_before, peak_after)
+    print(f"measured matmul peak after the steps {peak_after / 1e9:.1f} GFLOP/s; using {peak / 1e9:.1f}")
     tokens = args.batch * args.seq
     record = {"bench": "train_step", "machine": info, "device": str(device), "dtype": args.dtype, "batch": args.batch,
               "grad_checkpoint": args.grad_checkpoint, "reuse_memory": not args.no_reuse_memory,
-              "seq": args.seq, "step_flops_hardware": step_flops, "matmul_peak_flops": peak, "sides": {}}
+              "seq": args.seq, "step_flops_hardware": step_flops, "matmul_peak_flops": peak,
+              "matmul_peak_flops_before_after": [peak_before, peak_after], "sides": {}}
     print(f"\n{'':<11}{'median s':>10}{'min s':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'% peak':>8}{'peak mem GB':>13}")
     for side in sides:
         s = summarize(times[side])
