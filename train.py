@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ from model import DEFAULT_MODEL, load_pretrained
 from model.loss import lm_loss_sum
 from optim import AdamW, clip_grad_norm, lr_at
 
-RESUMABLE_OVERRIDES = ("steps", "max_flops", "eval_every", "save_every", "device")
+RESUMABLE_OVERRIDES = ("steps", "max_flops", "eval_every", "save_every", "device", "grad_checkpoint", "compile")
 
 
 # ------------------------------------------------------------------------------------------- flags
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="storage of the frozen weights; auto: float32 on CPU, bfloat16 (+ autocast) on CUDA")
     a("--device", default="auto")
     a("--grad-checkpoint", action="store_true", help="recompute activations in the backward pass")
+    a("--compile", action="store_true",
+      help="torch.compile each block (fuses the elementwise work; needs a C++ compiler on CPU)")
     a("--loss-chunk", type=int, default=512, help="rows of logits formed at once by the loss")
     return p
 
@@ -98,6 +101,17 @@ def check_args(args) -> None:
     for ok, message in rules:
         if not ok:
             raise UserError(message)
+
+
+def check_compiler(device: torch.device) -> None:
+    """torch.compile fails deep inside its first call without a toolchain: say so up front."""
+    import importlib.util
+    import shutil
+
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise UserError("--compile on CUDA needs triton (pip install triton), or drop --compile")
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++")):
+        raise UserError("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop --compile")
 
 
 def resolve_resume(argv) -> argparse.Namespace:
@@ -262,6 +276,8 @@ def train(argv=None) -> dict:
     if not args.resume and (out / "checkpoint").exists():
         raise UserError(f"{out} already holds a run; continue it with --resume {out}, or choose another --out")
     device = parse_device(args.device)
+    if args.compile:
+        check_compiler(device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     use_autocast = device.type == "cuda" and dtype == torch.bfloat16
@@ -272,6 +288,8 @@ def train(argv=None) -> dict:
     model, tok = load_pretrained(args.model, dtype=dtype, device=device)
     lora.apply_lora(model, rank=args.rank, alpha=args.alpha, targets=args.targets, dropout=args.dropout)
     model.grad_checkpoint = args.grad_checkpoint
+    if args.compile:
+        model.compile_blocks()
     model.train()
     windows, scaler, data_info = prepare_data(args, tok)
     if len(windows["train"]) == 0 or len(windows["val"]) == 0:

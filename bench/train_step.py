@@ -64,7 +64,7 @@ def build_reference(dtype, device):
 
 
 def worker(side: str, conn, dtype_name: str, device_name: str, batch: int, seq: int, threads: int | None,
-           reuse_memory: bool, grad_checkpoint: bool):
+           reuse_memory: bool, grad_checkpoint: bool, compile_blocks: bool):
     if threads:
         torch.set_num_threads(threads)
     if side == "ours" and reuse_memory:
@@ -82,6 +82,8 @@ def worker(side: str, conn, dtype_name: str, device_name: str, batch: int, seq: 
 
         model, opt = build_ours(dtype, device)
         model.grad_checkpoint = grad_checkpoint  # as train.py --grad-checkpoint
+        if compile_blocks:
+            model.compile_blocks()  # as train.py --compile
         windows = TokenWindows(ids, torch.ones_like(ids, dtype=torch.bool))
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and dtype == torch.bfloat16 \
             else contextlib.nullcontext
@@ -132,6 +134,7 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--grad-checkpoint", action="store_true", help="ours with activation checkpointing")
+    p.add_argument("--compile", action="store_true", help="ours with torch.compile'd blocks")
     p.add_argument("--no-reuse-memory", action="store_true",
                    help="leave glibc's default of returning freed memory to the OS (train.py keeps it)")
     args = p.parse_args()
@@ -159,7 +162,7 @@ def main():
         parent, child = ctx.Pipe()
         procs[side] = ctx.Process(target=worker, args=(side, child, args.dtype, str(device), args.batch, args.seq,
                                                                      args.threads, not args.no_reuse_memory,
-                                                                     args.grad_checkpoint))
+                                                                     args.grad_checkpoint, args.compile))
         procs[side].start()
         assert parent.recv() == "ready"
         conns[side] = parent
@@ -190,7 +193,7 @@ def main():
     print(f"measured matmul peak after the steps {peak_after / 1e9:.1f} GFLOP/s; using {peak / 1e9:.1f}")
     tokens = args.batch * args.seq
     record = {"bench": "train_step", "machine": info, "device": str(device), "dtype": args.dtype, "batch": args.batch,
-              "grad_checkpoint": args.grad_checkpoint, "reuse_memory": not args.no_reuse_memory,
+              "grad_checkpoint": args.grad_checkpoint, "compile": args.compile, "reuse_memory": not args.no_reuse_memory,
               "seq": args.seq, "step_flops_hardware": step_flops, "matmul_peak_flops": peak,
               "matmul_peak_flops_before_after": [peak_before, peak_after], "sides": {}}
     print(f"\n{'':<11}{'median s':>10}{'min s':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'% peak':>8}{'peak mem GB':>13}")

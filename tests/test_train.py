@@ -251,24 +251,48 @@ def test_cli_exit_code_and_existing_run(tmp_path):
         train.train(["--resume", str(tmp_path / "nothing-here")])
 
 
-def test_activation_checkpointing_computes_the_same_gradients():
+def lora_loss_and_grads(setup):
+    """Loss and LoRA gradients of a tiny model with non-zero adapters, after `setup(model)`."""
     ids = torch.randint(0, 79, (2, 16), generator=torch.Generator().manual_seed(4))
-    real = torch.ones_like(ids, dtype=torch.bool)
-    grads = []
-    for flag in (False, True):
-        model = tiny_model()
-        torch.manual_seed(0)
-        lora.apply_lora(model, rank=4, targets="all", verbose=False)
-        with torch.no_grad():
-            for p in lora.lora_parameters(model).values():
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
-        model.grad_checkpoint = flag
-        model.train()
-        s, n = lm_loss_sum(model, ids, real)
-        (s / n).backward()
-        grads.append({k: p.grad for k, p in lora.lora_parameters(model).items()})
-    for k in grads[0]:
-        torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5)
+    model = tiny_model()
+    torch.manual_seed(0)
+    lora.apply_lora(model, rank=4, targets="all", verbose=False)
+    with torch.no_grad():
+        for p in lora.lora_parameters(model).values():
+            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+    setup(model)
+    model.train()
+    s, n = lm_loss_sum(model, ids, torch.ones_like(ids, dtype=torch.bool))
+    (s / n).backward()
+    return (s / n).detach(), {k: p.grad for k, p in lora.lora_parameters(model).items()}
+
+
+def test_activation_checkpointing_computes_the_same_gradients():
+    loss, grads = lora_loss_and_grads(lambda m: None)
+    loss_ckpt, grads_ckpt = lora_loss_and_grads(lambda m: setattr(m, "grad_checkpoint", True))
+    assert torch.equal(loss, loss_ckpt)
+    for k in grads:
+        torch.testing.assert_close(grads_ckpt[k], grads[k], atol=1e-6, rtol=1e-5)
+
+
+def test_compiled_blocks_compute_the_same_loss_and_gradients():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    loss, grads = lora_loss_and_grads(lambda m: None)
+    loss_c, grads_c = lora_loss_and_grads(lambda m: m.compile_blocks())
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the compiled path really ran
+    torch.testing.assert_close(loss_c, loss, atol=1e-5, rtol=1e-5)
+    for k in grads:
+        torch.testing.assert_close(grads_c[k], grads[k], atol=1e-5, rtol=1e-4)
+
+
+def test_compile_without_a_compiler_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++, clang++ or c++ to be found
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(UserError, match="--compile on CPU needs a C\\+\\+ compiler"):
+        run(tmp_path, "--steps", "1", "--compile", "--device", "cpu")
 
 
 def test_reuse_freed_memory_takes_effect_on_glibc_and_respects_user_tunables(monkeypatch):
