@@ -18,6 +18,36 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results.jsonl"
 
 
+QWEN_SHAPE = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+                  max_position_embeddings=32768, tie_word_embeddings=True)  # Qwen2.5-0.5B's config.json
+
+
+def random_qwen(scale: float = 1.0):
+    """Our model with Qwen2.5-0.5B's shape and random weights (times `scale`), fp32 on the CPU: the
+    benchmarks need the real shape, not the real weights, which cannot be downloaded everywhere."""
+    from model import ModelConfig, Transformer
+    from model.tiny import init_random_weights
+
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(**QWEN_SHAPE, head_dim=64))
+    model = model.to_empty(device="cpu")
+    model.tie_weights()
+    init_random_weights(model)
+    if scale != 1.0:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(scale)
+    return model
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto`: CUDA when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def machine() -> dict:
     cpu = platform.processor() or ""
     try:

@@ -17,20 +17,11 @@ import time
 import _util  # noqa: F401
 import torch
 
-from _util import append_result, copy_bandwidth, machine, sync
-from train_step import QWEN_SHAPE
+from _util import QWEN_SHAPE, append_result, copy_bandwidth, machine, pick_device, random_qwen, sync
 
 
 def build_ours(dtype, device):
-    from model import ModelConfig, Transformer
-    from model.tiny import init_random_weights
-
-    with torch.device("meta"):
-        model = Transformer(ModelConfig(**QWEN_SHAPE, head_dim=64))
-    model = model.to_empty(device="cpu")
-    model.tie_weights()
-    init_random_weights(model)
-    return model.to(dtype=dtype, device=device).eval()
+    return random_qwen().to(dtype=dtype, device=device).eval()
 
 
 def copy_weights_into_reference(ours, dtype, device):
@@ -54,8 +45,7 @@ def main():
     p.add_argument("--reference", action="store_true")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     dtype = getattr(torch, args.dtype)
     from model import generate
 

@@ -22,28 +22,15 @@ import time
 import _util  # noqa: F401  (puts the repository on sys.path)
 import torch
 
-from _util import append_result, machine, matmul_peak, peak_memory, reset_peak_memory, summarize, sync
-
-QWEN_SHAPE = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                  num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
-                  max_position_embeddings=32768, tie_word_embeddings=True)
+from _util import (QWEN_SHAPE, append_result, machine, matmul_peak, peak_memory, pick_device, random_qwen,
+                   reset_peak_memory, summarize, sync)
 
 
 def build_ours(dtype, device):
     import lora
-    from model import ModelConfig, Transformer
-    from model.tiny import init_random_weights
     from optim import AdamW
 
-    with torch.device("meta"):
-        model = Transformer(ModelConfig(**QWEN_SHAPE, head_dim=64))
-    model = model.to_empty(device="cpu")
-    model.tie_weights()
-    init_random_weights(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(0.05)  # keep activations of a random 24-layer stack in a sane range
-    model = model.to(dtype=dtype, device=device)
+    model = random_qwen(scale=0.05).to(dtype=dtype, device=device)  # 0.05: sane activations in 24 random layers
     torch.manual_seed(0)
     lora.apply_lora(model, rank=8, alpha=16, targets=("q_proj", "v_proj"), verbose=False)
     model.train()
@@ -138,8 +125,7 @@ def main():
     p.add_argument("--no-reuse-memory", action="store_true",
                    help="leave glibc's default of returning freed memory to the OS (train.py keeps it)")
     args = p.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     dtype = getattr(torch, args.dtype)
 
     import flops
