@@ -116,7 +116,7 @@ def check_compiler(device: torch.device) -> None:
 
 def resolve_resume(argv) -> argparse.Namespace:
     """Parse flags; with --resume, the saved configuration wins except for the few flags that may
-    change between sessions (total steps, budget, eval/save cadence, device)."""
+    change between sessions (total steps, budget, eval/save cadence, device, recompute, compile)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.resume:

@@ -41,13 +41,6 @@ def random_qwen(scale: float = 1.0):
     return model
 
 
-def pick_device(name: str) -> torch.device:
-    """`auto`: CUDA when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def machine() -> dict:
     cpu = platform.processor() or ""
     try:

@@ -17,7 +17,8 @@ import time
 import _util  # noqa: F401
 import torch
 
-from _util import QWEN_SHAPE, append_result, copy_bandwidth, machine, pick_device, random_qwen, sync
+from _util import QWEN_SHAPE, append_result, copy_bandwidth, machine, random_qwen, sync
+from common import parse_device
 
 
 def build_ours(dtype, device):
@@ -29,7 +30,7 @@ def copy_weights_into_reference(ours, dtype, device):
     import transformers
 
     ref = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**QWEN_SHAPE)).eval()
-    missing, unexpected = ref.load_state_dict({k: v for k, v in ours.state_dict().items()}, strict=False)
+    missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
     assert not unexpected and all("lm_head" in m or "rotary" in m for m in missing), (missing, unexpected)
     ref.tie_weights()
     return ref.to(dtype=dtype, device=device)
@@ -45,7 +46,7 @@ def main():
     p.add_argument("--reference", action="store_true")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
-    device = pick_device(args.device)
+    device = parse_device(args.device)
     dtype = getattr(torch, args.dtype)
     from model import generate
 

@@ -22,8 +22,9 @@ import time
 import _util  # noqa: F401  (puts the repository on sys.path)
 import torch
 
-from _util import (QWEN_SHAPE, append_result, machine, matmul_peak, peak_memory, pick_device, random_qwen,
+from _util import (QWEN_SHAPE, append_result, machine, matmul_peak, peak_memory, random_qwen,
                    reset_peak_memory, summarize, sync)
+from common import parse_device
 
 
 def build_ours(dtype, device):
@@ -125,7 +126,7 @@ def main():
     p.add_argument("--no-reuse-memory", action="store_true",
                    help="leave glibc's default of returning freed memory to the OS (train.py keeps it)")
     args = p.parse_args()
-    device = pick_device(args.device)
+    device = parse_device(args.device)
     dtype = getattr(torch, args.dtype)
 
     import flops
