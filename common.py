@@ -1,4 +1,4 @@
-"""Small pieces every script shares: user-facing errors, atomic writes, device and dtype flags.
+"""Small pieces every script shares: user-facing errors, durable writes, signals, device and dtype flags.
 
 A research script should fail the way a good command-line tool does: one line that says what was
 wrong and what to do, exit code 2, no traceback. Code deep inside the library raises `UserError`;
@@ -33,39 +33,95 @@ def run_cli(main) -> None:
         sys.exit(130)
 
 
+def fsync(path: str | os.PathLike) -> None:
+    """Push a file's bytes, or a folder's entries (a rename, a new file), to the disk.
+
+    A rename survives a power cut only if the data it names and the folder holding it are synced too.
+    Folders cannot be opened for syncing on Windows; there it is skipped.
+    """
+    if os.name != "posix" and os.path.isdir(path):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; on success rename it over `path` (never a half file)."""
+    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
+
+    A reader (or a run resumed after a kill) sees the old file or the new one, never half of one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
+        fsync(tmp)
         os.replace(tmp, path)
+        fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike):
-    """Yield a fresh temporary folder beside `path`; on success it replaces `path` by renames, so a
-    reader sees the old folder or the new one, never a half-written one."""
-    import shutil
+def deferred_interrupts():
+    """Hold back Ctrl-C (SIGINT) and SIGTERM inside the block and deliver them at its end.
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new-"))
+    A few operations must happen whole or not at all: an optimizer update together with the step
+    counter, data position and RNG state that say it happened. Inside this block a signal is only
+    noted; leaving the block raises KeyboardInterrupt, so the caller sees the state before the block
+    or after it, never in between. Outside the main thread signals cannot be caught; the block then
+    runs as is.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield tmp
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        yield
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:  # delivered once the block is complete (an error inside it propagates as is)
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """Treat SIGTERM (what schedulers and `kill` send) like Ctrl-C inside the block, so a preempted
+    run saves its checkpoint the same way an interrupted one does."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -24,13 +24,19 @@ H query heads, K key/value heads, hd head dim, I intermediate, V vocabulary, r L
                                 + log 10, then pick and negate 1 = 13V + 9; mean over N: N
      AdamW (per trainable parameter, with clipping): 28 (moments 7, bias corrections 2,
                                 sqrt 10, eps 1, divide 1, lr 1, update 1, weight decay 2, clip 3)
-   backward = 2 x forward; a training step = forward + loss + backward + optimizer.
+   backward = 2 x (forward + loss): the gradient flows back through the loss too. A training step
+   = forward + loss + backward + optimizer. This convention counts the algorithm, not how memory is
+   traded for time: activation checkpointing (`--grad-checkpoint`) adds no coursework FLOPs, so a
+   budget buys the same training whichever memory setting runs it.
 2. Hardware accounting (what profilers count): 2*M*N*K per matrix product, elementwise work excluded.
    The backward counts what autograd really computes: for y = x W^T, the input gradient (2*M*N*K)
    only where x requires grad, the weight gradient only where W trains (LoRA A and B; everything in
    full fine-tuning). So layer 0 of a LoRA model, whose input comes from a frozen embedding, skips
    most of its backward. Attention scores and probs @ V are counted over the full T x T square, as
-   torch counts them: the causal mask saves no FLOPs here.
+   torch counts them: the causal mask saves no FLOPs here. With activation checkpointing the machine
+   also recomputes each block's forward during the backward (`recompute`), up to the last tensor the
+   backward needs: torch stops there (its default "early stop"), which skips the block's last matmul,
+   down_proj (or, when down_proj has LoRA, its lora_B, the last one to run).
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ class Report:
     ops: dict[str, Op] = field(default_factory=dict)
     loss_coursework: int = 0
     optimizer_coursework: int = 0
+    recompute_hardware: int = 0  # activation checkpointing: blocks' forward again, in the backward
     trainable_params: int = 0
 
     def add(self, name, coursework=0, hardware=0, backward_hardware=0, category="other"):
@@ -107,7 +114,7 @@ class Report:
 
     @property
     def train_step_hardware(self) -> int:
-        return self.forward_hardware + self.backward_hardware
+        return self.forward_hardware + self.backward_hardware + self.recompute_hardware
 
     @property
     def eval_coursework(self) -> int:
@@ -126,6 +133,7 @@ class Report:
                                       "backward_hardware": o.backward_hardware} for n, o in self.ops.items()}},
             "loss": {"coursework": self.loss_coursework, "hardware": 0},
             "backward": {"hardware": self.backward_hardware, "coursework": self.backward_coursework},
+            "recompute": {"hardware": self.recompute_hardware, "coursework": 0},
             "optimizer": {"coursework": self.optimizer_coursework, "hardware": 0},
             "train_step": {"hardware": self.train_step_hardware, "coursework": self.train_step_coursework},
             "eval_step": {"hardware": self.forward_hardware, "coursework": self.eval_coursework},
@@ -140,12 +148,14 @@ class Report:
         return out
 
 
-def count(config, batch: int, seq: int, lora: dict | None = None, trainable: str | None = None) -> Report:
+def count(config, batch: int, seq: int, lora: dict | None = None, trainable: str | None = None,
+          recompute: bool = False) -> Report:
     """FLOPs of one forward pass (and its backward) at batch x seq tokens.
 
     `config` is a ModelConfig or a model (then its LoRA settings and trainable parameters are used).
     `lora` is {"r": rank, "target_modules": [...]}; `trainable` is "lora" (base frozen, the default
     with LoRA), "full" (every parameter trains, the default without) or "none" (inference only).
+    `recompute`: activation checkpointing per block, as `model.grad_checkpoint` does it.
     """
     if hasattr(config, "config"):  # a model object
         model = config
@@ -214,6 +224,10 @@ def count(config, batch: int, seq: int, lora: dict | None = None, trainable: str
     elif full:
         rep.trainable_params = parameter_count(c)
     rep.optimizer_coursework = 28 * rep.trainable_params
+    if recompute and trainable != "none":
+        blocks = rep.forward_hardware - rep.ops["lm_head"].hardware
+        last = 2 * N * r * D if "down_proj" in targets else 2 * N * I * D  # the matmul torch's early stop skips
+        rep.recompute_hardware = blocks - L * last
     # keep a fixed, readable order for the table
     order = ["q_proj", "k_proj", "v_proj", "rope", "attention_scores", "softmax", "attention_v", "o_proj",
              "gate_proj", "up_proj", "silu", "gating_product", "down_proj", "rmsnorm", "residual_add", "final_norm",
@@ -262,24 +276,34 @@ def measure(model, input_ids, backward: bool) -> dict:
     return out
 
 
-def check(model, batch: int, seq: int, seed: int = 0) -> list[dict]:
-    """Our hardware counts beside the counters', per category, forward and forward + backward."""
+def check(model, batch: int, seq: int, seed: int = 0, recompute: bool = False) -> list[dict]:
+    """Our hardware counts beside the counters', per category, forward and forward + backward.
+
+    With `recompute`, the model runs with activation checkpointing; the recomputed forward shows
+    in the forward+backward total (torch cannot tell which category a recomputed matmul serves).
+    """
     import torch
 
     model.set_attention("matmul")  # CPU SDPA is invisible to both counters
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
-    rep = count(model, batch, seq)
+    rep = count(model, batch, seq, recompute=recompute)
+    was_training, model.grad_checkpoint = model.training, recompute
+    model.train(recompute or was_training)  # checkpointing applies in training mode only
     fwd, fb = measure(model, ids, backward=False), measure(model, ids, backward=True)
     model.zero_grad(set_to_none=True)
+    model.train(was_training)
     rows = []
     for cat in ("linear", "attention", "total"):
         ours_f = rep.forward_hardware if cat == "total" else rep.category(cat)
         ours_b = rep.backward_hardware if cat == "total" else rep.category(cat, backward=True)
+        if cat == "total":
+            ours_b += rep.recompute_hardware
         rows.append({"category": cat, "pass": "forward", "ours": ours_f, "flop_counter": fwd["counter"][cat],
                      "profiler": fwd["profiler"][cat]})
-        rows.append({"category": cat, "pass": "forward+backward", "ours": ours_f + ours_b,
-                     "flop_counter": fb["counter"][cat], "profiler": None})
+        if cat == "total" or not recompute:
+            rows.append({"category": cat, "pass": "forward+backward", "ours": ours_f + ours_b,
+                         "flop_counter": fb["counter"][cat], "profiler": None})
     return rows
 
 
@@ -300,6 +324,8 @@ def print_table(rep: Report, budget: float, steps: int | None) -> None:
     print(f"{'forward':<18}{fmt(rep.forward_coursework):>14}{fmt(rep.forward_hardware):>14}")
     print(f"{'loss':<18}{fmt(rep.loss_coursework):>14}{fmt(0):>14}")
     print(f"{'backward':<18}{fmt(rep.backward_coursework):>14}{fmt(rep.backward_hardware):>14}")
+    if rep.recompute_hardware:
+        print(f"{'recompute':<18}{fmt(0):>14}{fmt(rep.recompute_hardware):>14}")
     print(f"{'optimizer':<18}{fmt(rep.optimizer_coursework):>14}{fmt(0):>14}")
     print(f"{'training step':<18}{fmt(rep.train_step_coursework):>14}{fmt(rep.train_step_hardware):>14}")
     print(f"per token: forward {fmt(rep.forward_coursework / tokens)} (coursework), {fmt(rep.forward_hardware / tokens)} "
@@ -341,6 +367,8 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=1e17)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--check", action="store_true", help="run the real model under torch's FLOP counters")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="activation checkpointing, as train.py --grad-checkpoint: count the recomputed forward")
     p.add_argument("--runs", default=None, help="sum the FLOPs of every training run under this folder")
     args = p.parse_args(argv)
     if args.batch < 1 or args.seq < 1:
@@ -368,7 +396,7 @@ def main(argv=None):
         model = load_model(args.model)
         if lora_cfg:
             lora_lib.apply_lora(model, rank=args.rank, targets=args.targets)
-        rows = check(model, args.batch, args.seq)
+        rows = check(model, args.batch, args.seq, recompute=args.grad_checkpoint)
         if args.json:
             print(json.dumps(rows, indent=2))
             return
@@ -383,7 +411,7 @@ def main(argv=None):
         return
     from model import load_config
 
-    rep = count(load_config(args.model), args.batch, args.seq, lora=lora_cfg)
+    rep = count(load_config(args.model), args.batch, args.seq, lora=lora_cfg, recompute=args.grad_checkpoint)
     if args.json:
         print(json.dumps(rep.to_json(args.budget) | ({"steps": args.steps, "steps_flops": args.steps * rep.train_step_coursework} if args.steps else {})))
     else:

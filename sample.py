@@ -19,7 +19,7 @@ from model import DEFAULT_MODEL, generate, load_pretrained
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, checkpoint folder, or 'tiny'")
-    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT format) to apply first")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT format), or a training run folder (its newest checkpoint), to apply first")
     p.add_argument("--prompt", default="0.25,1.50;0.27,1.47;0.31,1.42;")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's ChatML format")
     p.add_argument("--max-new-tokens", type=int, default=64)

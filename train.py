@@ -10,8 +10,15 @@ with flops.py in the coursework accounting (hardware count beside it) and the ru
 with a checkpoint, before a step would pass `--max-flops`.
 
 Outputs in --out: config.json (every setting, the data scaling), metrics.jsonl (one JSON line per
-step and per evaluation), checkpoint/ (the adapter in PEFT format + trainer_state.pt, replaced
-atomically at every save).
+step and per evaluation), checkpoint-NNNNNN/ (the adapter in PEFT format + trainer_state.pt; see
+checkpoints.py for why a complete one exists at every instant).
+
+Nothing is lost to an interruption. The weights, the optimizer moments, the step and FLOP counters,
+the data position, the RNG states and the number of metrics lines change together, at step
+boundaries, with Ctrl-C and SIGTERM held back for those few milliseconds (`RunState`). Ctrl-C or
+SIGTERM saves the last boundary; SIGKILL or a power cut loses what came after the newest checkpoint.
+Either way `--resume` continues from a state the run really passed through, and ends bit for bit
+where the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -23,63 +30,113 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 import flops
 import lora
-from common import UserError, atomic_dir, parse_device, read_json, reuse_freed_memory, run_cli, write_json
+from checkpoints import latest_checkpoint, remove_partial, rewind_log, write_checkpoint
+from common import (UserError, deferred_interrupts, parse_device, read_json, reuse_freed_memory, run_cli,
+                    sigterm_as_interrupt, write_json)
 from data import Scaler, load_trajectories, make_windows, split_indices, trajectory_texts
 from model import DEFAULT_MODEL, load_pretrained
 from model.loss import lm_loss_sum
 from optim import AdamW, clip_grad_norm, lr_at
 
-RESUMABLE_OVERRIDES = ("steps", "max_flops", "eval_every", "save_every", "device", "grad_checkpoint", "compile")
-
+STATE_FILE = "trainer_state.pt"
 
 # ------------------------------------------------------------------------------------------- flags
+ON_OFF = {"action": argparse.BooleanOptionalAction}
+FLAGS = (  # (flag, default, help, argparse keywords). Every flag parses to None when not given.
+    ("--model", DEFAULT_MODEL, "hub id, checkpoint folder, or 'tiny'", {}),
+    ("--data", None, "HDF5 file in the coursework layout (default: the built-in simulator)", {}),
+    ("--systems", None, "use only the first N systems of the dataset", {"type": int}),
+    ("--data-seed", 0, "seed of the simulated data and of the train/val/test split", {"type": int}),
+    ("--rank", 8, "LoRA rank", {"type": int}),
+    ("--alpha", 16.0, "LoRA alpha (scaling alpha / rank)", {"type": float}),
+    ("--targets", "q_proj,v_proj", "comma-separated projections, or 'all'", {}),
+    ("--dropout", 0.0, "LoRA dropout", {"type": float}),
+    ("--lr", 1e-4, "peak learning rate", {"type": float}),
+    ("--weight-decay", 0.0, "AdamW decoupled weight decay (LoRA matrices only)", {"type": float}),
+    ("--betas", [0.9, 0.999], "AdamW betas", {"type": float, "nargs": 2}),
+    ("--eps", 1e-8, "AdamW epsilon", {"type": float}),
+    ("--warmup", 0, "linear warmup steps", {"type": int}),
+    ("--schedule", "constant", "learning-rate schedule after warmup", {"choices": ["constant", "cosine", "linear"]}),
+    ("--steps", 1000, "total optimizer steps of the run (also when resuming)", {"type": int}),
+    ("--batch-size", 4, "windows per micro-batch", {"type": int}),
+    ("--grad-accum", 1, "micro-batches per optimizer step", {"type": int}),
+    ("--context-length", 512, "tokens per training window", {"type": int}),
+    ("--stride", None, "tokens between window starts (default: context-length / 2)", {"type": int}),
+    ("--decimals", 2, "decimals per value in the LLMTIME text", {"type": int}),
+    ("--clip", 1.0, "gradient-norm clipping (0 disables)", {"type": float}),
+    ("--eval-every", 50, "steps between validation passes", {"type": int}),
+    ("--eval-batches", 8, "validation batches per pass", {"type": int}),
+    ("--save-every", 100, "steps between checkpoints", {"type": int}),
+    ("--seed", 0, "seed of the LoRA initialisation, dropout and batch order", {"type": int}),
+    ("--out", "runs/lv", "run folder", {}),
+    ("--max-flops", 1e17, "FLOP budget (coursework accounting)", {"type": float}),
+    ("--dtype", "auto", "storage of the frozen weights; auto: float32 on CPU, bfloat16 (+ autocast) on CUDA",
+     {"choices": ["auto", "float32", "bfloat16"]}),
+    ("--device", "auto", "cpu, cuda, cuda:N or auto", {}),
+    ("--grad-checkpoint", False, "recompute activations in the backward pass", ON_OFF),
+    ("--compile", False, "torch.compile each block (fuses the elementwise work; needs a C++ compiler on CPU)", ON_OFF),
+    ("--loss-chunk", 512, "rows of logits formed at once by the loss", {"type": int}),
+)
+DEFAULTS = {flag[2:].replace("-", "_"): default for flag, default, _, _ in FLAGS}
+# What may change between the sessions of one run; everything else would silently change the run.
+RESUMABLE = ("steps", "max_flops", "eval_every", "save_every", "device", "grad_checkpoint", "compile")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--model", default=DEFAULT_MODEL, help="hub id, checkpoint folder, or 'tiny'")
-    a("--data", default=None, help="HDF5 file in the coursework layout (default: the built-in simulator)")
-    a("--systems", type=int, default=None, help="use only the first N systems of the dataset")
-    a("--data-seed", type=int, default=0, help="seed of the simulated data and of the train/val/test split")
-    a("--rank", type=int, default=8)
-    a("--alpha", type=float, default=16.0)
-    a("--targets", default="q_proj,v_proj", help="comma-separated projections, or 'all'")
-    a("--dropout", type=float, default=0.0, help="LoRA dropout")
-    a("--lr", type=float, default=1e-4)
-    a("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (LoRA matrices only)")
-    a("--betas", type=float, nargs=2, default=(0.9, 0.999))
-    a("--eps", type=float, default=1e-8)
-    a("--warmup", type=int, default=0, help="linear warmup steps")
-    a("--schedule", default="constant", choices=["constant", "cosine", "linear"])
-    a("--steps", type=int, default=1000, help="total optimizer steps of the run (also when resuming)")
-    a("--batch-size", type=int, default=4, help="windows per micro-batch")
-    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--context-length", type=int, default=512, help="tokens per training window")
-    a("--stride", type=int, default=None, help="tokens between window starts (default: context-length / 2)")
-    a("--decimals", type=int, default=2)
-    a("--clip", type=float, default=1.0, help="gradient-norm clipping (0 disables)")
-    a("--eval-every", type=int, default=50)
-    a("--eval-batches", type=int, default=8)
-    a("--save-every", type=int, default=100)
-    a("--seed", type=int, default=0)
-    a("--out", default="runs/lv")
-    a("--resume", default=None, metavar="OUT", help="continue the run in this folder")
-    a("--max-flops", type=float, default=1e17, help="FLOP budget (coursework accounting)")
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-      help="storage of the frozen weights; auto: float32 on CPU, bfloat16 (+ autocast) on CUDA")
-    a("--device", default="auto")
-    a("--grad-checkpoint", action="store_true", help="recompute activations in the backward pass")
-    a("--compile", action="store_true",
-      help="torch.compile each block (fuses the elementwise work; needs a C++ compiler on CPU)")
-    a("--loss-chunk", type=int, default=512, help="rows of logits formed at once by the loss")
+    for flag, default, help, kw in FLAGS:
+        shown = "" if default is None or "default" in help or kw is ON_OFF else f" (default: {default})"
+        p.add_argument(flag, default=None, help=help + shown, **kw)
+    p.add_argument("--resume", default=None, metavar="OUT",
+                   help=f"continue the run in this folder; only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} "
+                        f"may be given again with new values")
     return p
+
+
+def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
+    """The run's settings and, with --resume, its saved config.json.
+
+    A fresh run is the defaults overridden by the flags given. A resumed run is the defaults overridden
+    by its saved settings, then by the RESUMABLE flags given; any other flag given with a value that
+    differs from the run's is an error rather than silently ignored.
+    """
+    args = build_parser().parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "out")}
+    if not args.resume:
+        return argparse.Namespace(**{**DEFAULTS, **given, "out": args.out or DEFAULTS["out"], "resume": None}), None
+    out = Path(args.resume)
+    if args.out is not None and Path(args.out) != out:
+        raise UserError(f"--out {args.out} and --resume {args.resume} differ; a resumed run stays in its own folder")
+    saved = read_run_config(out)
+    settings = {**DEFAULTS, **{k: v for k, v in saved["args"].items() if k in DEFAULTS}}
+    for key, value in given.items():
+        if key not in RESUMABLE and json.dumps(value) != json.dumps(settings[key]):
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"{flag} {value} differs from the run's {settings[key]}: only "
+                            f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} may change on --resume; "
+                            f"start a new run (another --out) to change {flag}")
+    settings.update({k: given[k] for k in RESUMABLE if k in given})
+    settings["out"] = settings["resume"] = str(out)
+    return argparse.Namespace(**settings), saved
+
+
+def read_run_config(out: Path) -> dict:
+    if not out.is_dir():
+        raise UserError(f"no run to resume: {out} does not exist")
+    saved = read_json(out / "config.json", what="run config (config.json)")
+    if not (isinstance(saved, dict) and isinstance(saved.get("args"), dict)
+            and isinstance(saved.get("scaler"), dict) and "alpha" in saved["scaler"]):
+        raise UserError(f"{out / 'config.json'} is not a train.py run config (it needs 'args' and 'scaler'); "
+                        f"pass the folder of a training run to --resume")
+    return saved
 
 
 def check_args(args) -> None:
@@ -91,7 +148,8 @@ def check_args(args) -> None:
         (args.warmup >= 0, "--warmup must be >= 0"), (args.steps >= 1, "--steps must be at least 1"),
         (args.batch_size >= 1, "--batch-size must be at least 1"), (args.grad_accum >= 1, "--grad-accum must be at least 1"),
         (args.context_length >= 2, "--context-length must be at least 2"),
-        (args.stride is None or args.stride >= 1, "--stride must be at least 1"),
+        (args.stride is None or 1 <= args.stride <= args.context_length,
+         "--stride must be between 1 and --context-length (a longer stride would skip the tokens between windows)"),
         (1 <= args.decimals <= 6, "--decimals must be between 1 and 6 (LLMTIME uses 2 or 3)"),
         (args.clip >= 0, "--clip must be >= 0 (0 disables)"), (args.eval_every >= 1, "--eval-every must be at least 1"),
         (args.eval_batches >= 1, "--eval-batches must be at least 1"), (args.save_every >= 1, "--save-every must be at least 1"),
@@ -112,25 +170,6 @@ def check_compiler(device: torch.device) -> None:
         raise UserError("--compile on CUDA needs triton (pip install triton), or drop --compile")
     if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++")):
         raise UserError("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop --compile")
-
-
-def resolve_resume(argv) -> argparse.Namespace:
-    """Parse flags; with --resume, the saved configuration wins except for the few flags that may
-    change between sessions (total steps, budget, eval/save cadence, device, recompute, compile)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.resume:
-        return args
-    saved = read_json(Path(args.resume) / "config.json", what="run config (config.json)")
-    explicit = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    for action in parser._actions:
-        if action.option_strings and action.dest != "help":
-            explicit._add_action(action)
-    given = vars(explicit.parse_known_args(argv)[0])
-    merged = {**vars(args), **{k: v for k, v in saved["args"].items() if k in vars(args)}}
-    merged.update({k: given[k] for k in RESUMABLE_OVERRIDES if k in given})
-    merged["resume"], merged["out"] = args.resume, args.resume
-    return argparse.Namespace(**merged)
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -174,27 +213,32 @@ def prepare_data(args, tok):
     for name in ("train", "val"):
         texts = trajectory_texts(values[split[name]], scaler, args.decimals)
         windows[name] = make_windows(tok.encode_batch(texts), args.context_length, stride, tok.pad_id)
+    if len(windows["train"]) == 0 or len(windows["val"]) == 0:
+        raise UserError("no training or validation windows: the dataset is too small for this context length")
     info = {"source": traj.source, "systems": len(values), "timesteps": int(values.shape[1]),
             "split_sizes": {k: int(len(v)) for k, v in split.items()}, "stride": stride,
             "train_windows": len(windows["train"]), "val_windows": len(windows["val"]), "tokens_per_step": step_tokens}
     return windows, scaler, info
 
 
-# ----------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(out: Path, model, opt: AdamW, state: dict) -> None:
-    with atomic_dir(out / "checkpoint") as tmp:
-        lora.save_adapter(model, tmp)
-        torch.save({**state, "optimizer": opt.state_dict()}, tmp / "trainer_state.pt")
+# ------------------------------------------------------------------------------------ run state
+@dataclass(frozen=True)
+class RunState:
+    """Everything a checkpoint holds besides the adapter and the optimizer's moments.
 
+    It is replaced whole, only at a step boundary and in the same interrupt-free moment as the
+    update it describes, so whenever a signal arrives the weights and this state belong together.
+    """
 
-def load_checkpoint(out: Path, model, opt: AdamW) -> dict:
-    path = out / "checkpoint"
-    if not (path / "trainer_state.pt").is_file():
-        raise UserError(f"no checkpoint to resume in {out} (expected {path}/trainer_state.pt)")
-    lora.load_adapter(model, path)
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
-    opt.load_state_dict(state["optimizer"])
-    return state
+    step: int = 0
+    flops: int = 0  # coursework accounting, training and validation
+    flops_hardware: int = 0
+    tokens: int = 0  # window tokens trained on, padding included
+    time: float = 0.0  # seconds of training, over all sessions
+    data: dict = field(default_factory=lambda: {"epoch": 0, "index": 0})  # BatchOrder position
+    rng: dict = field(default_factory=dict)  # torch (and CUDA) generator states after this step
+    metrics_lines: int = 0  # lines of metrics.jsonl that describe the run up to here
+    evaluated: bool = True  # False while the validation pass due after this step is still to run
 
 
 def rng_state(device) -> dict:
@@ -205,18 +249,32 @@ def rng_state(device) -> dict:
 
 
 def set_rng_state(state: dict, device) -> None:
-    torch.set_rng_state(state["torch"])
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def rewrite_metrics(path: Path, upto_step: int) -> None:
-    """On resume, drop records logged after the checkpoint (they will be produced again)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= upto_step]
-    with open(path, "w") as f:
-        f.write("".join(line + "\n" for line in keep))
+def load_checkpoint(out: Path, model, opt: AdamW) -> RunState | None:
+    """Restore the newest complete checkpoint of a run into model and optimizer; None if it has none."""
+    path = latest_checkpoint(out)
+    if path is None:
+        return None
+    damaged = f"the run cannot continue from it; start a new run, or restore {path} from a backup"
+    try:
+        raw = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path} has no {STATE_FILE}: {damaged}") from None
+    except Exception as e:  # truncated zip, bad pickle, ...: torch raises many kinds
+        raise UserError(f"{path / STATE_FILE} is corrupt ({type(e).__name__}): {damaged}") from None
+    try:
+        state = RunState(**{f.name: raw[f.name] for f in fields(RunState)})
+        opt.load_state_dict(raw["optimizer"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{path / STATE_FILE} does not fit this run or this version of train.py "
+                        f"({type(e).__name__}: {e}): {damaged}") from None
+    lora.load_adapter(model, path)
+    return state
 
 
 # ------------------------------------------------------------------------------------------ steps
@@ -236,14 +294,24 @@ def accumulated_step(model, windows, micro_batches, autocast, chunk: int):
     return total / n_targets, n_targets
 
 
-def optimizer_step(model, opt: AdamW, windows, micro_batches, lr: float, clip: float, autocast, chunk: int):
-    """One training step: accumulate, clip, AdamW. A non-finite loss or gradient skips the update (the
-    caller stops the run). Returns (loss, target tokens, pre-clip gradient norm). bench/ times this."""
+def optimizer_step(model, opt: AdamW, windows, micro_batches, lr: float, clip: float, autocast, chunk: int,
+                   commit=None):
+    """One training step: accumulate, clip, AdamW. Returns (loss, target tokens, pre-clip gradient norm).
+
+    The update and `commit(loss, n_targets, grad_norm)`, the bookkeeping that says it happened, run
+    with interrupts held back: both happen or neither. A non-finite loss or gradient skips both (the
+    caller stops the run). bench/train_step.py times this function.
+    """
     loss, n_targets = accumulated_step(model, windows, micro_batches, autocast, chunk)
     grad_norm = clip_grad_norm(opt.params.values(), clip)
-    if math.isfinite(loss) and math.isfinite(grad_norm):
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        opt.zero_grad()
+        return loss, n_targets, grad_norm
+    with deferred_interrupts():
         opt.step(lr)
-    opt.zero_grad()
+        opt.zero_grad()
+        if commit is not None:
+            commit(loss, n_targets, grad_norm)
     return loss, n_targets, grad_norm
 
 
@@ -268,12 +336,44 @@ def eval_windows_count(windows, batch_size: int, n_batches: int) -> int:
     return math.ceil(min(len(windows), n_batches * batch_size) / batch_size)
 
 
-# ------------------------------------------------------------------------------------------- run
-def train(argv=None) -> dict:
-    args = resolve_resume(argv)
+# -------------------------------------------------------------------------------------------- run
+@dataclass
+class Run:
+    """What the loop works on: the settings, the model and its data, and the state it moves along."""
+
+    args: argparse.Namespace
+    out: Path
+    device: torch.device
+    autocast: object
+    model: torch.nn.Module
+    windows: dict
+    opt: AdamW
+    order: BatchOrder
+    costs: dict  # FLOPs of one step and one validation pass, both conventions
+    state: RunState
+    metrics: object = None  # metrics.jsonl, open for appending
+    t0: float = field(default_factory=time.perf_counter)
+    start: RunState | None = None  # the state this session began from
+    last: dict = field(default_factory=dict)  # the latest step record and validation loss
+
+    def commit(self, state: RunState, record: dict) -> None:
+        """Log one record and move to `state`. Called with interrupts held back."""
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        self.state = replace(state, metrics_lines=state.metrics_lines + 1)
+
+    def elapsed(self) -> float:
+        return self.start.time + time.perf_counter() - self.t0
+
+    def eval_due(self, step: int) -> bool:
+        return step % self.args.eval_every == 0 or step == self.args.steps
+
+
+def setup(args, saved: dict | None) -> Run:
+    """Model, LoRA, data, optimizer and FLOP costs; on --resume, the newest checkpoint restored."""
     check_args(args)
     out = Path(args.out)
-    if not args.resume and (out / "checkpoint").exists():
+    if not args.resume and latest_checkpoint(out):
         raise UserError(f"{out} already holds a run; continue it with --resume {out}, or choose another --out")
     device = parse_device(args.device)
     if args.compile:
@@ -292,109 +392,161 @@ def train(argv=None) -> dict:
         model.compile_blocks()
     model.train()
     windows, scaler, data_info = prepare_data(args, tok)
-    if len(windows["train"]) == 0 or len(windows["val"]) == 0:
-        raise UserError("no training or validation windows: the dataset is too small for this context length")
+    opt = AdamW(lora.lora_parameters(model), lr=args.lr, betas=args.betas, eps=args.eps, weight_decay=args.weight_decay)
+    costs = step_costs(model, args, windows["val"])
+    if saved is not None and saved["scaler"] != scaler.to_dict():
+        raise UserError(f"the data of {out} no longer scales the same way (alpha {saved['scaler']['alpha']:.6g} "
+                        f"vs {scaler.alpha:.6g}): resume with the same --data")
+    state = (load_checkpoint(out, model, opt) if args.resume else None) or RunState()
+    if state.rng:
+        set_rng_state(state.rng, device)
 
-    params = lora.lora_parameters(model)
-    opt = AdamW(params, lr=args.lr, betas=args.betas, eps=args.eps, weight_decay=args.weight_decay)
-    per_micro = flops.count(model, args.batch_size, args.context_length)
-    step_cw = args.grad_accum * (per_micro.forward_coursework + per_micro.loss_coursework + per_micro.backward_coursework) \
-        + per_micro.optimizer_coursework
-    step_hw = args.grad_accum * per_micro.train_step_hardware
-    n_eval = eval_windows_count(windows["val"], args.batch_size, args.eval_batches)
-    eval_cw, eval_hw = n_eval * per_micro.eval_coursework, n_eval * per_micro.forward_hardware
-
-    config = {"args": vars(args), "scaler": scaler.to_dict(), "data": data_info, "lora": model.lora_config,
-              "model_source": getattr(model, "source", args.model), "tokenizer_vocab": tok.vocab_size,
-              "flops": {"train_step": step_cw, "train_step_hardware": step_hw, "eval": eval_cw, "eval_hardware": eval_hw}}
-    state = {"step": 0, "flops": 0, "flops_hardware": 0, "tokens": 0, "time": 0.0, "data": {"epoch": 0, "index": 0}}
-    if args.resume:
-        saved = read_json(out / "config.json", what="run config (config.json)")
-        if saved["scaler"] != config["scaler"]:
-            raise UserError(f"the data of {out} no longer scales the same way (alpha {saved['scaler']['alpha']:.6g} "
-                            f"vs {scaler.alpha:.6g}): resume with the same --data")
-        state = load_checkpoint(out, model, opt)
-        set_rng_state(state["rng"], device)
-        rewrite_metrics(out / "metrics.jsonl", state["step"])
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", config)
-    order = BatchOrder(len(windows["train"]), args.seed, **state["data"])
-    step, used, used_hw, tokens, time_offset = state["step"], state["flops"], state["flops_hardware"], state["tokens"], state["time"]
-    if step >= args.steps:
-        print(f"{out} is already at step {step} of {args.steps}; pass a larger --steps to continue", file=sys.stderr)
-        return {"step": step, "stopped": "done", "flops": used}
-
-    def snapshot():
-        return {"step": step, "flops": used, "flops_hardware": used_hw, "tokens": tokens,
-                "time": time_offset + (time.perf_counter() - t0), "data": order.state(), "rng": rng_state(device)}
-
+    remove_partial(out)
+    write_json(out / "config.json", {
+        "args": vars(args), "scaler": scaler.to_dict(), "data": data_info, "lora": model.lora_config,
+        "model_source": getattr(model, "source", args.model), "tokenizer_vocab": tok.vocab_size, "flops": costs})
+    rewind_log(out / "metrics.jsonl", state.metrics_lines)  # a fresh run starts an empty log
     print(f"data: {data_info['source']}, {data_info['split_sizes']['train']} train / {data_info['split_sizes']['val']} val systems, "
           f"{data_info['train_windows']} training windows of {args.context_length} tokens; scaling alpha {scaler.alpha:.4g}", file=sys.stderr)
-    print(f"FLOPs per step: {step_cw:.3e} (coursework), {step_hw:.3e} (hardware); budget {args.max_flops:.3g} "
-          f"fits {int((args.max_flops - used) // step_cw):,} more steps", file=sys.stderr)
-    metrics = open(out / "metrics.jsonl", "a")
-    stopped, last_val = "done", None
-    t0 = time.perf_counter()
-    bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr)
+    print(f"FLOPs per step: {costs['train_step']:.3e} (coursework), {costs['train_step_hardware']:.3e} (hardware); budget "
+          f"{args.max_flops:.3g} fits {int((args.max_flops - state.flops) // costs['train_step']):,} more steps", file=sys.stderr)
+    return Run(args, out, device, autocast, model, windows, opt, BatchOrder(len(windows["train"]), args.seed, **state.data),
+               costs, state, start=state)
+
+
+def step_costs(model, args, val_windows) -> dict:
+    """FLOPs of one optimizer step and of one validation pass (flops.py), in both conventions."""
+    per_micro = flops.count(model, args.batch_size, args.context_length, recompute=args.grad_checkpoint)
+    n_eval = eval_windows_count(val_windows, args.batch_size, args.eval_batches)
+    return {"train_step": args.grad_accum * (per_micro.forward_coursework + per_micro.loss_coursework
+                                             + per_micro.backward_coursework) + per_micro.optimizer_coursework,
+            "train_step_hardware": args.grad_accum * per_micro.train_step_hardware,
+            "eval": n_eval * per_micro.eval_coursework, "eval_hardware": n_eval * per_micro.forward_hardware}
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Checkpoint the current boundary: adapter, optimizer moments and RunState, together."""
+    state = run.state
+    os.fsync(run.metrics.fileno())  # the log lines this checkpoint counts reach the disk before it does
+
+    def fill(folder: Path) -> None:
+        lora.save_adapter(run.model, folder)
+        torch.save({**asdict(state), "optimizer": run.opt.state_dict()}, folder / STATE_FILE)
+
+    return write_checkpoint(run.out, state.step, fill)
+
+
+def train_step(run: Run) -> bool:
+    """One optimizer step and its record; False when the loss or gradient was not finite."""
+    args, before = run.args, run.state
+    step = before.step + 1
+    lr = lr_at(step, args.lr, args.steps, args.warmup, args.schedule)
+    micro = [run.order.next(args.batch_size) for _ in range(args.grad_accum)]
+
+    def commit(loss, n_targets, grad_norm):  # runs right after the update, interrupts held back
+        state = replace(before, step=step, flops=before.flops + run.costs["train_step"],
+                        flops_hardware=before.flops_hardware + run.costs["train_step_hardware"],
+                        tokens=before.tokens + args.grad_accum * args.batch_size * args.context_length,
+                        time=run.elapsed(), data=run.order.state(), rng=rng_state(run.device),
+                        evaluated=not run.eval_due(step))
+        run.last = {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+        run.commit(state, {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
+                           "target_tokens": n_targets, "flops": state.flops, "flops_hardware": state.flops_hardware,
+                           "time": state.time})
+
+    loss, _, grad_norm = optimizer_step(run.model, run.opt, run.windows["train"], micro, lr, args.clip, run.autocast,
+                                        args.loss_chunk, commit)
+    if run.state.step != step:
+        run.last = {"loss": loss, "grad_norm": grad_norm, "failed_step": step}
+        return False
+    return True
+
+
+def validate(run: Run) -> None:
+    """The validation pass due after the current step, booked and logged."""
+    args = run.args
+    val = evaluate(run.model, run.windows["val"], args.batch_size, args.eval_batches, run.autocast, args.loss_chunk)
+    with deferred_interrupts():
+        state = replace(run.state, flops=run.state.flops + run.costs["eval"], evaluated=True,
+                        flops_hardware=run.state.flops_hardware + run.costs["eval_hardware"])
+        run.commit(state, {"step": state.step, "val_loss": val, "val_ppl": math.exp(min(val, 700)),
+                           "flops": state.flops, "flops_hardware": state.flops_hardware})
+    run.last["val_loss"] = val
+    tqdm.write(f"step {state.step}: val loss {val:.4f}, perplexity {math.exp(min(val, 700)):.3f}", file=sys.stderr)
+
+
+def training_loop(run: Run) -> str:
+    """Validate, save and step until --steps, the FLOP budget or a non-finite loss: returns which."""
+    args = run.args
+    bar = tqdm(total=args.steps, initial=run.state.step, desc="train", dynamic_ncols=True, file=sys.stderr)
     try:
-        while step < args.steps:
-            next_step = step + 1
-            will_eval = next_step % args.eval_every == 0 or next_step == args.steps
-            cost = step_cw + (eval_cw if will_eval else 0)
-            if used + cost > args.max_flops:
-                stopped = "budget"
-                break
-            lr = lr_at(next_step, args.lr, args.steps, args.warmup, args.schedule)
-            micro = [order.next(args.batch_size) for _ in range(args.grad_accum)]
-            loss, n_targets, grad_norm = optimizer_step(model, opt, windows["train"], micro, lr, args.clip, autocast,
-                                                        args.loss_chunk)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                stopped = "nan"
-                break
-            step, used, used_hw = next_step, used + step_cw, used_hw + step_hw
-            tokens += args.grad_accum * args.batch_size * args.context_length
-            elapsed = time.perf_counter() - t0
-            rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                   "target_tokens": n_targets, "flops": used, "flops_hardware": used_hw, "time": time_offset + elapsed}
-            if will_eval:
-                last_val = evaluate(model, windows["val"], args.batch_size, args.eval_batches, autocast, args.loss_chunk)
-                used, used_hw = used + eval_cw, used_hw + eval_hw
-                rec.update(flops=used, flops_hardware=used_hw)
-            metrics.write(json.dumps(rec) + "\n")
-            if will_eval:
-                metrics.write(json.dumps({"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 700)),
-                                          "flops": used, "flops_hardware": used_hw}) + "\n")
-                tqdm.write(f"step {step}: val loss {last_val:.4f}, perplexity {math.exp(min(last_val, 700)):.3f}", file=sys.stderr)
-            metrics.flush()
+        while True:
+            if not run.state.evaluated:
+                validate(run)
+            if run.state.step and run.state.step % args.save_every == 0:
+                save_checkpoint(run)
+            if run.state.step >= args.steps:
+                return "done"
+            cost = run.costs["train_step"] + (run.costs["eval"] if run.eval_due(run.state.step + 1) else 0)
+            if run.state.flops + cost > args.max_flops:
+                run.last["next_cost"] = cost
+                return "budget"
+            if not train_step(run):
+                return "nan"
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.3f}",
-                            tok_s=f"{(tokens - state['tokens']) / elapsed:,.0f}", flops=f"{used:.2e}/{args.max_flops:.0e}")
-            if step % args.save_every == 0 or step == args.steps:
-                save_checkpoint(out, model, opt, snapshot())
-    except KeyboardInterrupt:
-        bar.close()
-        save_checkpoint(out, model, opt, snapshot())
-        print(f"\ninterrupted after step {step}: checkpoint saved in {out}/checkpoint; continue with "
-              f"python train.py --resume {out}", file=sys.stderr)
-        raise
+            rate = (run.state.tokens - run.start.tokens) / max(time.perf_counter() - run.t0, 1e-9)
+            bar.set_postfix(loss=f"{run.last['loss']:.4f}", lr=f"{run.last['lr']:.2e}", gnorm=f"{run.last['grad_norm']:.3f}",
+                            tok_s=f"{rate:,.0f}", flops=f"{run.state.flops:.2e}/{args.max_flops:.0e}")
     finally:
         bar.close()
-        metrics.close()
+
+
+def finish(run: Run, stopped: str) -> dict:
+    """Save the final checkpoint (or keep the last good one after a non-finite loss) and report."""
+    out, s = run.out, run.state
     if stopped == "nan":
-        last = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] if (out / "checkpoint").exists() else None
-        raise UserError(f"the loss or gradient became non-finite at step {step + 1} (loss {loss}, grad norm {grad_norm}); "
-                        + (f"the last good checkpoint (step {last}) is kept in {out}/checkpoint; " if last is not None else "")
+        last = latest_checkpoint(out)
+        raise UserError(f"the loss or gradient became non-finite at step {run.last['failed_step']} (loss {run.last['loss']}, "
+                        f"grad norm {run.last['grad_norm']}); "
+                        + (f"the last good checkpoint (step {int(last.name.split('-')[1])}) is kept in {last}; " if last
+                           else "no checkpoint had been saved yet; ")
                         + "try a lower --lr or --clip")
-    save_checkpoint(out, model, opt, snapshot())
+    folder = save_checkpoint(run)
+    val = run.last.get("val_loss")
     if stopped == "budget":
-        print(f"FLOP budget reached: stopped after step {step} with {used:.4g} of {args.max_flops:.4g} FLOPs used "
-              f"(the next step needs {cost:.4g}); checkpoint in {out}/checkpoint", file=sys.stderr)
+        print(f"FLOP budget reached: stopped after step {s.step} with {s.flops:.4g} of {run.args.max_flops:.4g} FLOPs used "
+              f"(the next step needs {run.last['next_cost']:.4g}); checkpoint in {folder}", file=sys.stderr)
     else:
-        print(f"done: {step} steps, {used:.4g} FLOPs (coursework), {used_hw:.4g} (hardware)"
-              + (f", final val loss {last_val:.4f}" if last_val is not None else "")
-              + f"; adapter and state in {out}/checkpoint", file=sys.stderr)
-    return {"step": step, "stopped": stopped, "flops": used, "flops_hardware": used_hw, "val_loss": last_val,
-            "step_flops": step_cw, "eval_flops": eval_cw}
+        print(f"done: {s.step} steps, {s.flops:.4g} FLOPs (coursework), {s.flops_hardware:.4g} (hardware)"
+              + (f", final val loss {val:.4f}" if val is not None else "")
+              + f"; adapter and state in {folder}", file=sys.stderr)
+    return {"step": s.step, "stopped": stopped, "flops": s.flops, "flops_hardware": s.flops_hardware, "val_loss": val,
+            "step_flops": run.costs["train_step"], "eval_flops": run.costs["eval"]}
+
+
+def train(argv=None) -> dict:
+    run = setup(*resolve_args(argv))
+    if run.state.step >= run.args.steps and run.state.evaluated:
+        print(f"{run.out} is already at step {run.state.step} of {run.args.steps}; pass a larger --steps to continue",
+              file=sys.stderr)
+        return {"step": run.state.step, "stopped": "done", "flops": run.state.flops}
+    run.metrics = open(run.out / "metrics.jsonl", "a")
+    try:
+        with sigterm_as_interrupt():
+            try:
+                stopped = training_loop(run)
+            except KeyboardInterrupt:
+                saved = "nothing to save yet"
+                if run.state.step:
+                    with deferred_interrupts():
+                        saved = f"checkpoint saved in {save_checkpoint(run)}"
+                print(f"\ninterrupted after step {run.state.step}: {saved}; continue with "
+                      f"python train.py --resume {run.out}", file=sys.stderr)
+                raise
+        return finish(run, stopped)
+    finally:
+        run.metrics.close()
 
 
 def main(argv=None):

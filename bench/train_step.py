@@ -132,9 +132,13 @@ def main():
     import flops
     from model import ModelConfig
 
-    rep = flops.count(ModelConfig(**QWEN_SHAPE, head_dim=64), args.batch, args.seq,
-                      lora={"r": 8, "target_modules": ["q_proj", "v_proj"]})
-    step_flops = rep.train_step_hardware
+    def step_hardware_flops(recompute: bool) -> int:
+        return flops.count(ModelConfig(**QWEN_SHAPE, head_dim=64), args.batch, args.seq, recompute=recompute,
+                           lora={"r": 8, "target_modules": ["q_proj", "v_proj"]}).train_step_hardware
+
+    # the work each side's machine executes: ours recomputes the blocks' forward with --grad-checkpoint
+    side_flops = {"ours": step_hardware_flops(args.grad_checkpoint), "reference": step_hardware_flops(False)}
+    step_flops = side_flops["ours"]
     peak_size = 2048 if dtype == torch.float32 or device.type == "cuda" else 512
     peak_before = matmul_peak(dtype, device, size=peak_size)
     info = machine()
@@ -186,7 +190,7 @@ def main():
     print(f"\n{'':<11}{'median s':>10}{'min s':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'% peak':>8}{'peak mem GB':>13}")
     for side in sides:
         s = summarize(times[side])
-        rate = step_flops / s["median_s"]
+        rate = side_flops[side] / s["median_s"]
         record["sides"][side] = {**s, "tokens_per_s": tokens / s["median_s"], "flops_per_s": rate,
                                  "share_of_peak": rate / peak, "peak_memory_bytes": peaks[side]}
         print(f"{side:<11}{s['median_s']:>10.2f}{s['min_s']:>9.2f}{tokens / s['median_s']:>10.1f}{rate / 1e9:>9.1f}"

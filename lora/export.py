@@ -1,6 +1,6 @@
 """Fold an adapter into its base model and write a plain checkpoint any HF tool can load.
 
-    python -m lora.export --model Qwen/Qwen2.5-0.5B-Instruct --adapter runs/lv/adapter --out merged/
+    python -m lora.export --model Qwen/Qwen2.5-0.5B-Instruct --adapter runs/lv --out merged/
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .peft_format import load_adapter
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="the base model the adapter was trained on")
-    p.add_argument("--adapter", required=True, help="adapter folder (PEFT format)")
+    p.add_argument("--adapter", required=True, help="adapter folder (PEFT format) or a training run folder (its newest checkpoint)")
     p.add_argument("--out", required=True, help="folder for the merged checkpoint")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the written weights (the merge itself is computed in fp32)")

@@ -83,6 +83,10 @@ def merge_and_export(model: Transformer, path: str | os.PathLike, tokenizer=None
     from model import load_tokenizer, save_pretrained
 
     if tokenizer is None:
-        tokenizer = load_tokenizer(getattr(model, "source", "tiny"))
+        source = getattr(model, "source", None)
+        if source is None:  # a model built in code: which tokenizer goes with it is not ours to guess
+            raise UserError("merge_and_export: this model was not loaded from a checkpoint, so its tokenizer is "
+                            "unknown; pass tokenizer=... (a model.Tokenizer) to write one beside the weights")
+        tokenizer = load_tokenizer(source)
     overrides = {f"{name}.weight": m.merged_weight() for name, m in lora_modules(model).items() if not m.merged}
     save_pretrained(model, path, tokenizer, overrides=overrides)

@@ -20,10 +20,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from checkpoints import latest_checkpoint
 from common import UserError, read_json, write_json
 from model.loading import save_safetensors
 
-from .inject import apply_lora, lora_modules, lora_parameters
+from .inject import apply_lora, lora_modules, lora_parameters, parse_targets
 
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
@@ -52,15 +53,23 @@ def save_adapter(model, path: str | os.PathLike) -> None:
     write_json(path / CONFIG_NAME, adapter_config(model))
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, tensors without the PEFT prefix), with every unsupported PEFT option refused by name."""
+def adapter_folder(path: str | os.PathLike) -> Path:
+    """An adapter folder as is; a training run's folder resolves to its newest complete checkpoint."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"adapter folder not found: {path}")
-    if not (path / CONFIG_NAME).is_file() and (path / "checkpoint" / CONFIG_NAME).is_file():
-        path = path / "checkpoint"  # a training run's folder: use its latest checkpoint
     if not (path / CONFIG_NAME).is_file():
-        raise UserError(f"{path} has no {CONFIG_NAME}: not a PEFT adapter folder")
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise UserError(f"{path} has no {CONFIG_NAME} and no checkpoint-NNNNNN/ folder: neither a PEFT adapter "
+                            f"nor a training run with a saved checkpoint")
+        path = latest
+    return path
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors without the PEFT prefix), with every unsupported PEFT option refused by name."""
+    path = adapter_folder(path)
     if not (path / WEIGHTS_NAME).is_file():
         other = " (adapter_model.bin is not read: re-save it with safetensors)" if (path / "adapter_model.bin").exists() else ""
         raise UserError(f"{path} has no {WEIGHTS_NAME}{other}")
@@ -86,14 +95,20 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
 
 
 def load_adapter(model, path: str | os.PathLike, verbose: bool = False) -> None:
-    """Apply the adapter at `path` to `model` (a base model, or one already LoRA-shaped the same way)."""
+    """Apply the adapter at `path` (an adapter folder or a training run's folder) to `model`.
+
+    A base model gets the adapter's own LoRA settings. A model that already has LoRA must have been
+    set up the same way: rank, alpha and rsLoRA fix the scale the matrices are multiplied by, so
+    loading B and A under another scale would run a different model without a word. Dropout is not
+    compared: it does nothing at inference and a run may set its own.
+    """
     cfg, tensors = read_adapter(path)
     if not lora_modules(model):
         apply_lora(model, rank=int(cfg["r"]), alpha=cfg["lora_alpha"], targets=cfg["target_modules"],
                    dropout=float(cfg.get("lora_dropout", 0.0)), use_rslora=bool(cfg.get("use_rslora", False)),
                    verbose=verbose)
-    elif model.lora_config["r"] != cfg["r"]:
-        raise UserError(f"the adapter at {path} has rank {cfg['r']}, the model's adapters rank {model.lora_config['r']}")
+    else:
+        check_same_setup(model.lora_config, cfg, path)
     params = lora_parameters(model)
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))
@@ -109,3 +124,14 @@ def load_adapter(model, path: str | os.PathLike, verbose: bool = False) -> None:
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name])
+
+
+def check_same_setup(have: dict, cfg: dict, path) -> None:
+    wanted = {"rank": int(cfg["r"]), "alpha": float(cfg["lora_alpha"]), "rsLoRA": bool(cfg.get("use_rslora", False)),
+              "targets": ",".join(parse_targets(cfg["target_modules"]))}
+    current = {"rank": int(have["r"]), "alpha": float(have["lora_alpha"]), "rsLoRA": bool(have["use_rslora"]),
+               "targets": ",".join(have["target_modules"])}
+    differ = [f"{k} {wanted[k]} (the model's adapters: {k} {current[k]})" for k in wanted if wanted[k] != current[k]]
+    if differ:
+        raise UserError(f"the adapter at {path} was trained with {', '.join(differ)}; load it into a fresh base "
+                        f"model (load_adapter then applies the adapter's own settings)")

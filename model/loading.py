@@ -189,6 +189,8 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, tokenizer: Toke
     """Write an HF-layout checkpoint (config.json, safetensors, tokenizer) that transformers reads too.
 
     `overrides` replaces named tensors on the way out (LoRA export writes merged weights this way).
+    Saving into a folder that already holds a checkpoint replaces it: weight files of the earlier
+    save (a single file or shards, and their index) are removed once the new ones are written.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -205,15 +207,21 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, tokenizer: Toke
             current, size = {}, 0
         current[name], size = t, size + nbytes
     shards.append(current)
+    index = path / "model.safetensors.index.json"
     if len(shards) == 1:
-        save_safetensors(shards[0], path / "model.safetensors")
+        index.unlink(missing_ok=True)  # loaders prefer an index: an old one would shadow the new file
+        written = ["model.safetensors"]
+        save_safetensors(shards[0], path / written[0])
     else:
-        weight_map = {}
+        weight_map, written = {}, []
         for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_safetensors(shard, path / fname)
-            weight_map.update(dict.fromkeys(shard, fname))
+            written.append(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+            save_safetensors(shard, path / written[-1])
+            weight_map.update(dict.fromkeys(shard, written[-1]))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        write_json(path / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(index, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    for old in [path / "model.safetensors", *path.glob("model-*-of-*.safetensors")]:
+        if old.name not in written:  # weights of an earlier save into the same folder
+            old.unlink(missing_ok=True)
     if tokenizer is not None:
         tokenizer.save(path)

@@ -103,3 +103,17 @@ def test_cli_check_and_table_run_on_tiny(capsys):
     flops.main(["--model", "tiny", "--steps", "100"])
     out = capsys.readouterr().out
     assert "training steps fit" in out and "100 steps cost" in out
+
+
+@pytest.mark.parametrize("targets", [None, "q_proj,v_proj", "all", "k_proj,down_proj", "gate_proj"])
+def test_recomputed_forward_of_activation_checkpointing_is_counted_exactly(targets):
+    """--grad-checkpoint: the hardware count includes the forward torch recomputes in the backward."""
+    model = tiny_model()
+    if targets:
+        lora.apply_lora(model, rank=4, targets=targets, verbose=False)
+    rows = flops.check(model, 2, 9, recompute=True)
+    total = next(r for r in rows if r["category"] == "total" and r["pass"] == "forward+backward")
+    assert total["ours"] == total["flop_counter"], total
+    rep, plain = flops.count(model, 2, 9, recompute=True), flops.count(model, 2, 9)
+    assert rep.recompute_hardware > 0 and rep.train_step_hardware == plain.train_step_hardware + rep.recompute_hardware
+    assert rep.train_step_coursework == plain.train_step_coursework  # the coursework convention counts the algorithm

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import lora
 import train
+from checkpoints import latest_checkpoint
 from common import UserError
 from model.loss import lm_loss_sum
 from model.tiny import tiny_model
@@ -28,6 +29,28 @@ def run(tmp_path, *extra, out="run"):
 
 def records(path):
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def trainer_state(run_dir):
+    return torch.load(latest_checkpoint(run_dir) / "trainer_state.pt", weights_only=True)
+
+
+def assert_same_run(a, b):
+    """Two run folders ended in the same place: adapter bytes, optimizer moments, counters, data
+    position, RNG, and every metrics line except its wall-clock time."""
+    ca, cb = latest_checkpoint(a), latest_checkpoint(b)
+    assert ca.name == cb.name
+    assert (ca / "adapter_model.safetensors").read_bytes() == (cb / "adapter_model.safetensors").read_bytes()
+    sa, sb = trainer_state(a), trainer_state(b)
+    for key in ("step", "flops", "flops_hardware", "tokens", "data", "metrics_lines", "evaluated"):
+        assert sa[key] == sb[key], key
+    assert torch.equal(sa["rng"]["torch"], sb["rng"]["torch"])
+    assert sa["optimizer"]["step"] == sb["optimizer"]["step"]
+    for key in ("m", "v"):
+        for name in sa["optimizer"][key]:
+            assert torch.equal(sa["optimizer"][key][name], sb["optimizer"][key][name]), (key, name)
+    untimed = [[{k: v for k, v in r.items() if k != "time"} for r in records(d)] for d in (a, b)]
+    assert untimed[0] == untimed[1]
 
 
 # ---------------------------------------------------------------------------------------- optimizer
@@ -139,7 +162,7 @@ def test_outputs_config_metrics_and_adapter_only(tmp_path):
     step_rec = next(r for r in recs if "loss" in r)
     assert set(step_rec) >= {"step", "loss", "lr", "grad_norm", "tokens", "flops", "time"}
     assert {"step", "val_loss", "val_ppl"} <= set(next(r for r in recs if "val_loss" in r))
-    keys = load_file(tmp_path / "run" / "checkpoint" / "adapter_model.safetensors").keys()
+    keys = load_file(latest_checkpoint(tmp_path / "run") / "adapter_model.safetensors").keys()
     assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
 
 
@@ -166,18 +189,9 @@ def test_resume_is_exact(tmp_path):
     run(tmp_path, "--steps", "10", *common, out="once")
     run(tmp_path, "--steps", "5", *common, out="twice")
     train.train(["--resume", str(tmp_path / "twice"), "--steps", "10"])
-    a = load_file(tmp_path / "once" / "checkpoint" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "twice" / "checkpoint" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa = torch.load(tmp_path / "once" / "checkpoint" / "trainer_state.pt", weights_only=True)
-    sb = torch.load(tmp_path / "twice" / "checkpoint" / "trainer_state.pt", weights_only=True)
-    assert sa["step"] == sb["step"] == 10 and sa["data"] == sb["data"] and sa["flops"] == sb["flops"]
-    for key in ("m", "v"):
-        assert all(torch.equal(sa["optimizer"][key][k], sb["optimizer"][key][k]) for k in sa["optimizer"][key])
-    steps = [r["step"] for r in records(tmp_path / "twice") if "loss" in r]
-    assert steps == list(range(1, 11))
-    assert [r["loss"] for r in records(tmp_path / "once") if "loss" in r] == \
-           [r["loss"] for r in records(tmp_path / "twice") if "loss" in r]
+    assert trainer_state(tmp_path / "once")["step"] == 10
+    assert [r["step"] for r in records(tmp_path / "twice") if "loss" in r] == list(range(1, 11))
+    assert_same_run(tmp_path / "once", tmp_path / "twice")
 
 
 def test_flop_budget_stops_at_the_right_step(tmp_path, capsys):
@@ -188,8 +202,7 @@ def test_flop_budget_stops_at_the_right_step(tmp_path, capsys):
     out = run(tmp_path, "--steps", "20", "--max-flops", str(budget), out="budget")
     assert out["stopped"] == "budget" and out["step"] == 3 and out["flops"] == 3 * step <= budget
     assert "FLOP budget reached: stopped after step 3" in capsys.readouterr().err
-    state = torch.load(tmp_path / "budget" / "checkpoint" / "trainer_state.pt", weights_only=True)
-    assert state["step"] == 3
+    assert trainer_state(tmp_path / "budget")["step"] == 3
     # an evaluation counts too: with the eval due at step 5, 5 steps + eval must fit
     out = run(tmp_path, "--steps", "20", "--max-flops", str(5 * step + evalc - 1), out="budget-eval")
     assert out["step"] == 4
@@ -207,25 +220,55 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     monkeypatch.setattr(train, "accumulated_step", nan_on_fifth)
     with pytest.raises(UserError, match=r"non-finite at step 5 .*last good checkpoint \(step 4\) is kept"):
         run(tmp_path, "--steps", "20", "--save-every", "2")
-    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=True)
-    assert state["step"] == 4
+    assert trainer_state(tmp_path / "run")["step"] == 4
     assert max(r["step"] for r in records(tmp_path / "run")) == 4
 
 
-def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
-    real_step = train.accumulated_step
-    calls = {"n": 0}
+def test_non_finite_loss_before_any_checkpoint_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "accumulated_step", lambda *a, **kw: (float("nan"), 1))
+    with pytest.raises(UserError, match=r"non-finite at step 1 .*no checkpoint had been saved yet"):
+        run(tmp_path, "--steps", "5")
+    assert latest_checkpoint(tmp_path / "run") is None and records(tmp_path / "run") == []
 
-    def interrupt_on_fourth(*a, **kw):
+
+INTERRUPT_COMMON = ["--steps", "12", "--save-every", "4", "--eval-every", "3", "--dropout", "0.1", "--grad-accum", "2"]
+
+
+def interrupt_at(monkeypatch, where: str, call: int):
+    """Deliver Ctrl-C at the `call`-th entry of one phase of the loop, as a real signal would arrive."""
+    import signal
+
+    import checkpoints
+
+    targets = {"forward": (train, "accumulated_step"), "update": (train.AdamW, "step"),
+               "validation": (train, "evaluate"), "save": (checkpoints, "fsync")}
+    owner, name = targets[where]
+    real, calls = getattr(owner, name), {"n": 0}
+
+    def wrapped(*a, **kw):
         calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_step(*a, **kw)
+        if calls["n"] == call:
+            signal.raise_signal(signal.SIGINT)  # inside the update it is held back until the step is booked
+        return real(*a, **kw)
 
-    monkeypatch.setattr(train, "accumulated_step", interrupt_on_fourth)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, "--steps", "10", "--save-every", "100")
-    assert torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+@pytest.mark.parametrize("where, call", [("forward", 4), ("update", 5), ("validation", 2), ("save", 2)])
+def test_ctrl_c_anywhere_in_a_step_resumes_exactly(tmp_path, monkeypatch, where, call):
+    run(tmp_path, *INTERRUPT_COMMON, out="once")
+    with monkeypatch.context() as m:
+        interrupt_at(m, where, call)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path, *INTERRUPT_COMMON, out="twice")
+    saved = trainer_state(tmp_path / "twice")
+    # during step 4's forward and backward: steps 1-3 done; during the update of step 5: held back
+    # until step 5 is booked; during the validation after step 6 (it reruns on resume); while the
+    # checkpoint of step 4 is written (the interrupted write is discarded, then written whole)
+    assert saved["step"] == {"forward": 3, "update": 5, "validation": 6, "save": 4}[where]
+    assert len(records(tmp_path / "twice")) >= saved["metrics_lines"]
+    train.train(["--resume", str(tmp_path / "twice")])
+    assert_same_run(tmp_path / "once", tmp_path / "twice")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -247,7 +290,7 @@ def test_cli_exit_code_and_existing_run(tmp_path):
     run(tmp_path, "--steps", "2")
     with pytest.raises(UserError, match="already holds a run; continue it with --resume"):
         run(tmp_path, "--steps", "2")
-    with pytest.raises(UserError, match="no checkpoint to resume|run config"):
+    with pytest.raises(UserError, match="no run to resume: .*nothing-here does not exist"):
         train.train(["--resume", str(tmp_path / "nothing-here")])
 
 
