@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ import lora
 from common import UserError, parse_device, parse_dtype, read_json, run_cli, write_json
 from data import Scaler, decode, forecast_task, load_trajectories, make_windows, split_indices, trajectory_texts
 from model import DEFAULT_MODEL, generate, load_pretrained
-from model.loss import lm_loss_sum
+from model.loss import mean_loss
 
 FORMAT_CHARS = "0123456789.,;"
 
@@ -145,18 +144,11 @@ def evaluate_forecasts(texts: list[list[str]], task, scaler: Scaler, decimals: i
             "forecasts": int(n * samples), "forecast_values": forecast}
 
 
-@torch.no_grad()
 def text_loss(model, tok, values: np.ndarray, scaler: Scaler, decimals: int, context_length: int, batch_size: int) -> dict:
     """Teacher-forced loss per token (and perplexity) on the systems' full LLMTIME text."""
     texts = trajectory_texts(values, scaler, decimals)
     windows = make_windows(tok.encode_batch(texts), context_length, max(1, context_length // 2), tok.pad_id)
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for s in range(0, len(windows), batch_size):
-        loss_sum, k = lm_loss_sum(model, windows.input_ids[s : s + batch_size].to(device),
-                                  windows.real[s : s + batch_size].to(device))
-        total, count = total + float(loss_sum), count + k
-    loss = total / max(count, 1)
+    loss = mean_loss(model, windows.input_ids, windows.real, batch_size)
     return {"loss": loss, "ppl": math.exp(min(loss, 700))}
 
 
@@ -278,11 +270,9 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    device = parse_device(args.device)
-    runs = {adapter: run_settings(adapter) for adapter in args.adapter}
-    # The dataset and split a run was trained on (so "test" means systems it never saw), unless --data says otherwise.
+def evaluation_values(args, runs: dict) -> tuple[np.ndarray, np.ndarray, dict, str]:
+    """(systems to evaluate, the whole dataset, its split, its source): the dataset and split the runs
+    were trained on (so "test" means systems they never saw), unless --data says otherwise."""
     data_args = {"data": args.data, "data_seed": args.data_seed, "systems": None}
     trained_on = [cfg["args"] for _, cfg in runs.values() if cfg is not None]
     if trained_on and args.data is None:
@@ -292,13 +282,12 @@ def main(argv=None) -> dict:
     traj = load_trajectories(data_args["data"], n=1000, seed=data_args["data_seed"])
     dataset = traj.values[: data_args["systems"]] if data_args["systems"] else traj.values
     split = split_indices(len(dataset), seed=data_args["data_seed"])
-    values = dataset[split[args.split]][: args.systems]
-    base_model, tok = load_pretrained(args.model, dtype=parse_dtype(args.dtype), device=device)
-    fitted = Scaler.fit(dataset[split["train"]])
+    return dataset[split[args.split]][: args.systems], dataset, split, traj.source
 
-    variants = []  # (name, model, scaler, decimals)
-    if not args.no_base:
-        variants.append((str(args.model), base_model, fitted, args.decimals))
+
+def load_variants(args, runs: dict, base_model, fitted: Scaler) -> list[tuple]:
+    """(name, model, scaler, decimals) for the base model and each adapter (a copy of the base each)."""
+    variants = [] if args.no_base else [(str(args.model), base_model, fitted, args.decimals)]
     for adapter, (path, run_cfg) in runs.items():
         model = copy.deepcopy(base_model)
         lora.load_adapter(model, path)
@@ -309,38 +298,53 @@ def main(argv=None) -> dict:
         else:
             scaler, decimals = Scaler.from_dict(run_cfg["scaler"]), int(run_cfg["args"]["decimals"])
         variants.append((adapter, model, scaler, decimals))
+    return variants
 
-    results, forecasts = {}, {}
-    task0 = None
+
+def evaluate_variant(args, tok, values, name, model, scaler, decimals, trained_len: int | None):
+    """Forecast every system with one model: (task, metrics, forecasts in original units)."""
+    task = forecast_task(values, scaler, decimals, args.context_steps, args.horizon)
+    longest = max(len(ids) for ids in tok.encode_batch(task.prompts)) + args.horizon * (2 * (2 + decimals) + 2)
+    if trained_len and longest > trained_len:
+        print(f"note: {name}: prompts + forecasts reach ~{longest} tokens, beyond the {trained_len}-token windows "
+              f"it was trained on; fewer --context-steps keep it in familiar territory", file=sys.stderr)
+    texts = generate_forecasts(model, tok, task.prompts, args.horizon, decimals, args.samples, args.temperature,
+                               args.batch_size, args.seed, progress=True)
+    r = evaluate_forecasts(texts, task, scaler, decimals, args.horizon)
+    forecast = r.pop("forecast_values")
+    if args.loss:
+        r.update(text_loss(model, tok, values, scaler, decimals, args.context_length, args.batch_size))
+    r["alpha"], r["decimals"] = scaler.alpha, decimals
+    return task, r, forecast
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = parse_device(args.device)
+    runs = {adapter: run_settings(adapter) for adapter in args.adapter}
+    values, dataset, split, source = evaluation_values(args, runs)
+    base_model, tok = load_pretrained(args.model, dtype=parse_dtype(args.dtype), device=device)
+    variants = load_variants(args, runs, base_model, Scaler.fit(dataset[split["train"]]))
+
+    results, forecasts, task = {}, {}, None
     for name, model, scaler, decimals in variants:
-        task = forecast_task(values, scaler, decimals, args.context_steps, args.horizon)
-        task0 = task0 or task
-        trained_len = runs.get(name, (None, None))[1]
-        trained_len = trained_len["args"]["context_length"] if trained_len else None
-        longest = max(len(ids) for ids in tok.encode_batch(task.prompts)) + args.horizon * (2 * (2 + decimals) + 2)
-        if trained_len and longest > trained_len:
-            print(f"note: {name}: prompts + forecasts reach ~{longest} tokens, beyond the {trained_len}-token windows "
-                  f"it was trained on; fewer --context-steps keep it in familiar territory", file=sys.stderr)
-        texts = generate_forecasts(model, tok, task.prompts, args.horizon, decimals, args.samples, args.temperature,
-                                   args.batch_size, args.seed, progress=True)
-        r = evaluate_forecasts(texts, task, scaler, decimals, args.horizon)
-        forecasts[name] = r.pop("forecast_values")
-        if args.loss:
-            r.update(text_loss(model, tok, values, scaler, decimals, args.context_length, args.batch_size))
-        r["alpha"], r["decimals"] = scaler.alpha, decimals
-        results[name] = r
-    results["naive_last"] = error_metrics(naive_last(task0.context, args.horizon), task0.target)
-    results["naive_linear"] = error_metrics(naive_linear(task0.context, args.horizon), task0.target)
+        run_cfg = runs.get(name, (None, None))[1]
+        trained_len = run_cfg["args"]["context_length"] if run_cfg else None
+        variant_task, results[name], forecasts[name] = evaluate_variant(args, tok, values, name, model, scaler,
+                                                                        decimals, trained_len)
+        task = task or variant_task
+    results["naive_last"] = error_metrics(naive_last(task.context, args.horizon), task.target)
+    results["naive_linear"] = error_metrics(naive_linear(task.context, args.horizon), task.target)
 
     report = {"systems": len(values), "context_steps": args.context_steps, "horizon": args.horizon,
               "split": args.split, "samples": args.samples, "temperature": args.temperature,
-              "data": traj.source, "results": results}
+              "data": source, "results": results}
     print_table(results, f"{len(values)} {args.split} systems, {args.context_steps} context steps, horizon "
                          f"{args.horizon}, {args.samples} sample(s) at temperature {args.temperature} (errors in original units)")
     if args.json:
         write_json(args.json, report)
     if args.plots:
-        for path in make_plots(Path(args.plots), task0, forecasts, results):
+        for path in make_plots(Path(args.plots), task, forecasts, results):
             print(f"wrote {path}", file=sys.stderr)
     return report
 

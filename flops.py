@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,91 +146,159 @@ class Report:
         return out
 
 
+@dataclass(frozen=True)
+class Shapes:
+    """Everything the counts depend on: the configuration's sizes, the tokens, and what trains."""
+
+    B: int  # batch
+    T: int  # sequence length
+    D: int  # hidden size
+    H: int  # query heads
+    K: int  # key/value heads
+    hd: int  # head dim
+    I: int  # intermediate size  # noqa: E741
+    V: int  # vocabulary (embedding rows)
+    L: int  # layers
+    r: int  # LoRA rank (0: no LoRA)
+    targets: frozenset  # adapted projections
+    trainable: str  # "lora" | "full" | "none"
+    qkv_bias: bool
+    o_bias: bool
+
+    @property
+    def N(self) -> int:
+        return self.B * self.T
+
+    @property
+    def projections(self) -> tuple[tuple[str, int, int, bool], ...]:
+        """(name, d_in, d_out, bias) of the seven projections of a block, in the order they run."""
+        D, I, q, kv = self.D, self.I, self.H * self.hd, self.K * self.hd
+        return (("q_proj", D, q, self.qkv_bias), ("k_proj", D, kv, self.qkv_bias), ("v_proj", D, kv, self.qkv_bias),
+                ("o_proj", q, D, self.o_bias), ("gate_proj", D, I, False), ("up_proj", D, I, False),
+                ("down_proj", I, D, False))
+
+
+def shapes_of(config, batch: int, seq: int, lora: dict | None, trainable: str | None) -> Shapes:
+    """`config` is a ModelConfig or a model (then its LoRA settings and trainable parameters are used)."""
+    from lora.inject import parse_targets
+
+    if hasattr(config, "config"):  # a model object
+        model, config = config, config.config
+        lora = lora or getattr(model, "lora_config", None)
+        if trainable is None:
+            trainable = "lora" if lora else "full" if all(p.requires_grad for p in model.parameters()) else "none"
+    c = config
+    return Shapes(B=batch, T=seq, D=c.hidden_size, H=c.num_attention_heads, K=c.num_key_value_heads, hd=c.head_dim,
+                  I=c.intermediate_size, V=c.vocab_size, L=c.num_hidden_layers, r=lora["r"] if lora else 0,
+                  targets=frozenset(parse_targets(lora["target_modules"])) if lora else frozenset(),
+                  trainable=trainable or ("lora" if lora else "full"), qkv_bias=c.attention_bias, o_bias=c.o_proj_bias)
+
+
+def coursework_forward(s: Shapes) -> dict[str, int]:
+    """One forward pass in the coursework convention, one line per row of the table at the top."""
+    N, B, T, D, H, K, hd, I, r = s.N, s.B, s.T, s.D, s.H, s.K, s.hd, s.I, s.r  # noqa: E741
+    adapted = [(d_in, d_out) for name, d_in, d_out, _ in s.projections if name in s.targets]
+    per_layer = {
+        **{name: matmul_cw(N, d_in, d_out) + (N * d_out if bias else 0) for name, d_in, d_out, bias in s.projections},
+        "rope": int(3.5 * N * (H + K) * hd),  # rotating q and k
+        "attention_scores": B * H * (matmul_cw(T, hd, T) + T * T),  # q k^T per head, then the 1/sqrt(hd) scale
+        "softmax": softmax_cw(B * H * T, T),
+        "attention_v": B * H * matmul_cw(T, T, hd),  # probs @ v per head
+        "silu": 13 * N * I,
+        "gating_product": N * I,
+        "rmsnorm": 2 * rmsnorm_cw(N, D),  # before attention and before the MLP
+        "residual_add": 2 * N * D,
+        "lora_A": sum(matmul_cw(N, d_in, r) for d_in, _ in adapted),
+        "lora_B": sum(matmul_cw(N, r, d_out) + 2 * N * d_out for _, d_out in adapted),  # + scale and add
+    }
+    ops = {name: s.L * flops for name, flops in per_layer.items()}
+    ops["rope"] += B * T * hd // 2 + 2 * 10 * B * T * hd  # angles, cos and sin: once per forward
+    ops["final_norm"] = rmsnorm_cw(N, D)
+    ops["lm_head"] = matmul_cw(N, D, s.V)
+    return ops
+
+
+def hardware_passes(s: Shapes) -> tuple[dict[str, int], dict[str, int]]:
+    """(forward, backward) matmul FLOPs per operation, as autograd runs them.
+
+    Each matmul costs 2*M*N*K forward. In the backward, y = x W^T needs x's gradient (2*M*N*K) only
+    when x requires grad, and W's only when W trains; whether x requires grad is followed through the
+    network: in a LoRA model the residual stream starts frozen and requires grad from the first
+    adapted projection on.
+    """
+    N, B, T, D, H, hd, r = s.N, s.B, s.T, s.D, s.H, s.hd, s.r
+    fwd, bwd = dict.fromkeys(("lm_head", "lora_A", "lora_B", "attention_scores", "attention_v"), 0), {}
+    full = s.trainable == "full"
+
+    def linear(name, d_in, d_out, x_grad: bool) -> bool:
+        """One projection on N tokens (+ its LoRA); returns whether its output requires grad."""
+        flops = 2 * N * d_in * d_out
+        fwd[name] = fwd.get(name, 0) + flops
+        bwd[name] = bwd.get(name, 0) + (flops if x_grad else 0) + (flops if full else 0)
+        adapted = name in s.targets and s.trainable != "none"
+        if name in s.targets:  # A: weight grad, input grad where x requires it; B: weight grad, grad of A's output
+            fwd["lora_A"], fwd["lora_B"] = fwd["lora_A"] + 2 * N * d_in * r, fwd["lora_B"] + 2 * N * r * d_out
+            bwd["lora_A"] = bwd.get("lora_A", 0) + ((2 + 2 * x_grad) * N * d_in * r if adapted else 0)
+            bwd["lora_B"] = bwd.get("lora_B", 0) + (4 * N * r * d_out if adapted else 0)
+        return x_grad or full or adapted
+
+    attn = 2 * B * H * T * T * hd  # q k^T and probs @ v, each over the full T x T square
+    grad = full  # does the residual stream entering layer 0 require grad?
+    for _ in range(s.L):
+        q, k, v = (linear(name, d_in, d_out, grad) for name, d_in, d_out, _ in s.projections[:3])
+        fwd["attention_scores"] += attn
+        bwd["attention_scores"] = bwd.get("attention_scores", 0) + attn * q + attn * k
+        fwd["attention_v"] += attn
+        bwd["attention_v"] = bwd.get("attention_v", 0) + attn * (q or k) + attn * v
+        grad = linear("o_proj", H * hd, D, q or k or v) or grad
+        gate, up = (linear(name, d_in, d_out, grad) for name, d_in, d_out, _ in s.projections[4:6])
+        grad = linear("down_proj", s.I, D, gate or up) or grad
+    fwd["lm_head"] = 2 * N * D * s.V
+    bwd["lm_head"] = 2 * N * D * s.V * (grad + full)
+    return fwd, bwd
+
+
+def recompute_hardware(s: Shapes, forward: dict[str, int]) -> int:
+    """Activation checkpointing recomputes each block's forward in the backward, up to the last tensor
+    the backward needs: torch stops there (early stop), skipping the block's last matmul."""
+    blocks = sum(forward.values()) - forward["lm_head"]
+    last = 2 * s.N * s.r * s.D if "down_proj" in s.targets else 2 * s.N * s.I * s.D
+    return blocks - s.L * last if s.trainable != "none" else 0
+
+
+OP_ORDER = ("q_proj", "k_proj", "v_proj", "rope", "attention_scores", "softmax", "attention_v", "o_proj", "gate_proj",
+            "up_proj", "silu", "gating_product", "down_proj", "rmsnorm", "residual_add", "final_norm", "lm_head",
+            "lora_A", "lora_B")
+CATEGORY = {"attention_scores": "attention", "attention_v": "attention", "lm_head": "linear", "lora_A": "linear",
+            "lora_B": "linear", **{name: "linear" for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj")}}
+
+
 def count(config, batch: int, seq: int, lora: dict | None = None, trainable: str | None = None,
           recompute: bool = False) -> Report:
-    """FLOPs of one forward pass (and its backward) at batch x seq tokens.
+    """FLOPs of one forward pass (and its backward) at batch x seq tokens, in both conventions.
 
     `config` is a ModelConfig or a model (then its LoRA settings and trainable parameters are used).
     `lora` is {"r": rank, "target_modules": [...]}; `trainable` is "lora" (base frozen, the default
     with LoRA), "full" (every parameter trains, the default without) or "none" (inference only).
     `recompute`: activation checkpointing per block, as `model.grad_checkpoint` does it.
     """
-    if hasattr(config, "config"):  # a model object
-        model = config
-        config = model.config
-        lora = lora or getattr(model, "lora_config", None)
-        if trainable is None:
-            params = list(model.parameters())
-            trainable = "lora" if lora else "full" if all(p.requires_grad for p in params) else "none"
-    trainable = trainable or ("lora" if lora else "full")
-    from lora.inject import parse_targets
-
-    targets = set(parse_targets(lora["target_modules"])) if lora else set()
-    r = lora["r"] if lora else 0
-    full = trainable == "full"
-    c = config
-    B, T, N, D, hd = batch, seq, batch * seq, c.hidden_size, c.head_dim
-    H, K, I, V, L = c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.vocab_size, c.num_hidden_layers
-    rep = Report(config=c.to_dict(), batch=batch, seq=seq)
-
-    def linear(name, d_in, d_out, x_grad: bool, bias: bool) -> bool:
-        """One projection on N tokens (+ its LoRA); returns whether its output requires grad."""
-        rep.add(name, matmul_cw(N, d_in, d_out) + (N * d_out if bias else 0), 2 * N * d_in * d_out,
-                (2 * N * d_in * d_out if x_grad else 0) + (2 * N * d_in * d_out if full else 0), "linear")
-        adapted = name in targets and trainable != "none"
-        if name in targets:
-            # A: weight grad, and input grad where x requires it; B: weight grad and grad of A's output.
-            rep.add("lora_A", matmul_cw(N, d_in, r), 2 * N * d_in * r,
-                    (2 * N * d_in * r + (2 * N * d_in * r if x_grad else 0)) if adapted else 0, "linear")
-            rep.add("lora_B", matmul_cw(N, r, d_out) + 2 * N * d_out, 2 * N * r * d_out,  # + scale and add
-                    4 * N * r * d_out if adapted else 0, "linear")
-        return x_grad or full or adapted
-
-    grad = full and trainable != "none"  # does the residual stream entering layer 0 require grad?
-    rep.add("rope", B * T * hd // 2 + 2 * 10 * B * T * hd)  # angles, cos, sin (once per forward)
-    for _ in range(L):
-        rep.add("rmsnorm", rmsnorm_cw(N, D))
-        q = linear("q_proj", D, H * hd, grad, c.attention_bias)
-        k = linear("k_proj", D, K * hd, grad, c.attention_bias)
-        v = linear("v_proj", D, K * hd, grad, c.attention_bias)
-        rep.add("rope", int(3.5 * N * (H + K) * hd))
-        scores_grad = q or k
-        rep.add("attention_scores", B * H * matmul_cw(T, hd, T) + B * H * T * T, 2 * B * H * T * T * hd,
-                (2 * B * H * T * T * hd if q else 0) + (2 * B * H * T * T * hd if k else 0), "attention")
-        rep.add("softmax", softmax_cw(B * H * T, T))
-        rep.add("attention_v", B * H * matmul_cw(T, T, hd), 2 * B * H * T * T * hd,
-                (2 * B * H * T * T * hd if scores_grad else 0) + (2 * B * H * T * T * hd if v else 0), "attention")
-        o = linear("o_proj", H * hd, D, scores_grad or v, c.o_proj_bias)
-        rep.add("residual_add", N * D)
-        grad = grad or o
-        rep.add("rmsnorm", rmsnorm_cw(N, D))
-        gate = linear("gate_proj", D, I, grad, False)
-        up = linear("up_proj", D, I, grad, False)
-        rep.add("silu", 13 * N * I)
-        rep.add("gating_product", N * I)
-        down = linear("down_proj", I, D, gate or up, False)
-        rep.add("residual_add", N * D)
-        grad = grad or down
-    rep.add("final_norm", rmsnorm_cw(N, D))
-    rep.add("lm_head", matmul_cw(N, D, V), 2 * N * D * V,
-            (2 * N * D * V if grad else 0) + (2 * N * D * V if full else 0), "linear")
-    rep.loss_coursework = N * (13 * V + 9) + N
-    if trainable == "lora":
-        rep.trainable_params = L * sum(r * (din + dout) for name, din, dout in (
-            ("q_proj", D, H * hd), ("k_proj", D, K * hd), ("v_proj", D, K * hd), ("o_proj", H * hd, D),
-            ("gate_proj", D, I), ("up_proj", D, I), ("down_proj", I, D)) if name in targets)
-    elif full:
-        rep.trainable_params = parameter_count(c)
+    model_config = config.config if hasattr(config, "config") else config
+    s = shapes_of(config, batch, seq, lora, trainable)
+    cw, (fwd, bwd) = coursework_forward(s), hardware_passes(s)
+    rep = Report(config=model_config.to_dict(), batch=batch, seq=seq)
+    for name in OP_ORDER:
+        if s.targets or not name.startswith("lora_"):
+            rep.add(name, cw[name], fwd.get(name, 0), bwd.get(name, 0), CATEGORY.get(name, "other"))
+    rep.loss_coursework = s.N * (13 * s.V + 9) + s.N  # log-softmax and pick per token, then the mean
+    if s.trainable == "lora":
+        rep.trainable_params = s.L * sum(s.r * (d_in + d_out) for name, d_in, d_out, _ in s.projections
+                                         if name in s.targets)
+    elif s.trainable == "full":
+        rep.trainable_params = parameter_count(model_config)
     rep.optimizer_coursework = 28 * rep.trainable_params
-    if recompute and trainable != "none":
-        blocks = rep.forward_hardware - rep.ops["lm_head"].hardware
-        last = 2 * N * r * D if "down_proj" in targets else 2 * N * I * D  # the matmul torch's early stop skips
-        rep.recompute_hardware = blocks - L * last
-    # keep a fixed, readable order for the table
-    order = ["q_proj", "k_proj", "v_proj", "rope", "attention_scores", "softmax", "attention_v", "o_proj",
-             "gate_proj", "up_proj", "silu", "gating_product", "down_proj", "rmsnorm", "residual_add", "final_norm",
-             "lm_head", "lora_A", "lora_B"]
-    rep.ops = {n: rep.ops[n] for n in order if n in rep.ops}
+    if recompute:
+        rep.recompute_hardware = recompute_hardware(s, fwd)
     return rep
 
 
@@ -356,6 +422,41 @@ def sum_runs(folder: Path) -> list[dict]:
     return rows
 
 
+def print_runs(folder: Path, as_json: bool) -> None:
+    rows = sum_runs(folder)
+    if not rows:
+        raise UserError(f"no runs with metrics.jsonl under {folder}")
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'run':<40}{'steps':>8}{'FLOPs (coursework)':>22}{'FLOPs (hardware)':>20}")
+    for r in rows:
+        print(f"{r['run']:<40}{r['steps']:>8}{fmt(r['flops']):>22}{fmt(r['flops_hardware'] or 0):>20}")
+    print(f"{'total':<40}{'':>8}{fmt(sum(r['flops'] for r in rows)):>22}"
+          f"{fmt(sum(r['flops_hardware'] or 0 for r in rows)):>20}")
+
+
+def print_check(args) -> None:
+    import lora as lora_lib
+    from model import load_model
+
+    model = load_model(args.model)
+    if args.rank:
+        lora_lib.apply_lora(model, rank=args.rank, targets=args.targets)
+    rows = check(model, args.batch, args.seq, recompute=args.grad_checkpoint)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"hardware FLOPs, ours vs torch, batch {args.batch} x seq {args.seq} (matmul attention path)")
+    print(f"{'category':<11}{'pass':<18}{'ours':>14}{'FlopCounterMode':>17}{'diff':>8}{'profiler':>14}{'diff':>8}")
+    for r in rows:
+        prof = fmt(r["profiler"]) if r["profiler"] is not None else "n/a"
+        pdiff = f"{r['profiler'] - r['ours']:+d}" if r["profiler"] is not None else "—"
+        print(f"{r['category']:<11}{r['pass']:<18}{fmt(r['ours']):>14}{fmt(r['flop_counter']):>17}"
+              f"{r['flop_counter'] - r['ours']:>+8d}{prof:>14}{pdiff:>8}")
+    print("(the profiler records no backward FLOPs; neither counter sees fused CPU SDPA)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="hub id, checkpoint folder or 'tiny' (config only)")
@@ -376,39 +477,10 @@ def main(argv=None):
     if args.rank < 0:
         raise UserError("--rank must be >= 0 (0 means no LoRA)")
     if args.runs:
-        rows = sum_runs(Path(args.runs))
-        if not rows:
-            raise UserError(f"no runs with metrics.jsonl under {args.runs}")
-        if args.json:
-            print(json.dumps(rows, indent=2))
-            return
-        print(f"{'run':<40}{'steps':>8}{'FLOPs (coursework)':>22}{'FLOPs (hardware)':>20}")
-        for r in rows:
-            print(f"{r['run']:<40}{r['steps']:>8}{fmt(r['flops']):>22}{fmt(r['flops_hardware'] or 0):>20}")
-        print(f"{'total':<40}{'':>8}{fmt(sum(r['flops'] for r in rows)):>22}"
-              f"{fmt(sum(r['flops_hardware'] or 0 for r in rows)):>20}")
-        return
+        return print_runs(Path(args.runs), args.json)
     lora_cfg = {"r": args.rank, "target_modules": args.targets} if args.rank else None
     if args.check:
-        import lora as lora_lib
-        from model import load_model
-
-        model = load_model(args.model)
-        if lora_cfg:
-            lora_lib.apply_lora(model, rank=args.rank, targets=args.targets)
-        rows = check(model, args.batch, args.seq, recompute=args.grad_checkpoint)
-        if args.json:
-            print(json.dumps(rows, indent=2))
-            return
-        print(f"hardware FLOPs, ours vs torch, batch {args.batch} x seq {args.seq} (matmul attention path)")
-        print(f"{'category':<11}{'pass':<18}{'ours':>14}{'FlopCounterMode':>17}{'diff':>8}{'profiler':>14}{'diff':>8}")
-        for r in rows:
-            prof = fmt(r["profiler"]) if r["profiler"] is not None else "n/a"
-            pdiff = f"{r['profiler'] - r['ours']:+d}" if r["profiler"] is not None else "—"
-            print(f"{r['category']:<11}{r['pass']:<18}{fmt(r['ours']):>14}{fmt(r['flop_counter']):>17}"
-                  f"{r['flop_counter'] - r['ours']:>+8d}{prof:>14}{pdiff:>8}")
-        print("(the profiler records no backward FLOPs; neither counter sees fused CPU SDPA)")
-        return
+        return print_check(args)
     from model import load_config
 
     rep = count(load_config(args.model), args.batch, args.seq, lora=lora_cfg, recompute=args.grad_checkpoint)

@@ -21,10 +21,9 @@ import torch
 
 class AdamW:
     def __init__(self, params: dict[str, torch.nn.Parameter], lr: float = 1e-4, betas=(0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01, no_decay: set[str] = frozenset()):
+                 eps: float = 1e-8, weight_decay: float = 0.01):
         self.params = dict(params)
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
-        self.no_decay = set(no_decay)
         self.step_count = 0
         self.m = {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n, p in self.params.items()}
         self.v = {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n, p in self.params.items()}
@@ -40,7 +39,7 @@ class AdamW:
             if p.grad is None:
                 continue
             g, m, v = p.grad, self.m[name], self.v[name]
-            if self.weight_decay and name not in self.no_decay:
+            if self.weight_decay:
                 p.mul_(1 - lr * self.weight_decay)
             m.lerp_(g, 1 - b1)  # m = b1 m + (1 - b1) g
             v.mul_(b2).addcmul_(g, g, value=1 - b2)  # v = b2 v + (1 - b2) g^2

@@ -39,11 +39,11 @@ from tqdm import tqdm
 import flops
 import lora
 from checkpoints import latest_checkpoint, remove_partial, rewind_log, write_checkpoint
-from common import (UserError, deferred_interrupts, parse_device, read_json, reuse_freed_memory, run_cli,
-                    sigterm_as_interrupt, write_json)
+from common import (UserError, deferred_interrupts, parse_device, parse_dtype, read_json, reuse_freed_memory,
+                    run_cli, sigterm_as_interrupt, write_json)
 from data import Scaler, load_trajectories, make_windows, split_indices, trajectory_texts
 from model import DEFAULT_MODEL, load_pretrained
-from model.loss import lm_loss_sum
+from model.loss import lm_loss_sum, mean_loss, target_mask
 from optim import AdamW, clip_grad_norm, lr_at
 
 STATE_FILE = "trainer_state.pt"
@@ -281,8 +281,7 @@ def load_checkpoint(out: Path, model, opt: AdamW) -> RunState | None:
 def accumulated_step(model, windows, micro_batches, autocast, chunk: int):
     """Forward and backward over several micro-batches; the loss is averaged over all their target
     tokens together (so a micro-batch with more padding weighs less, exactly as in one big batch)."""
-    keep = [(windows.real[idx][:, 1:] & windows.real[idx][:, :-1]) for idx in micro_batches]
-    n_targets = int(sum(k.sum() for k in keep))
+    n_targets = int(sum(target_mask(windows.real[idx]).sum() for idx in micro_batches))
     device = next(model.parameters()).device
     total = 0.0
     for idx in micro_batches:
@@ -315,21 +314,10 @@ def optimizer_step(model, opt: AdamW, windows, micro_batches, lr: float, clip: f
     return loss, n_targets, grad_norm
 
 
-@torch.no_grad()
 def evaluate(model, windows, batch_size: int, n_batches: int, autocast, chunk: int) -> float:
     """Mean loss per target token over the first n_batches x batch_size validation windows."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for s in range(0, min(len(windows), n_batches * batch_size), batch_size):
-        ids = windows.input_ids[s : s + batch_size].to(device)
-        real = windows.real[s : s + batch_size].to(device)
-        with autocast():
-            loss_sum, n = lm_loss_sum(model, ids, real, chunk)
-        total, count = total + float(loss_sum), count + n
-    model.train(was_training)
-    return total / max(count, 1)
+    n = min(len(windows), n_batches * batch_size)
+    return mean_loss(model, windows.input_ids[:n], windows.real[:n], batch_size, chunk, autocast)
 
 
 def eval_windows_count(windows, batch_size: int, n_batches: int) -> int:
@@ -378,8 +366,7 @@ def setup(args, saved: dict | None) -> Run:
     device = parse_device(args.device)
     if args.compile:
         check_compiler(device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = parse_dtype(args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
     use_autocast = device.type == "cuda" and dtype == torch.bfloat16
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
 

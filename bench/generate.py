@@ -36,7 +36,7 @@ def copy_weights_into_reference(ours, dtype, device):
     return ref.to(dtype=dtype, device=device)
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--prompt", type=int, default=512)
@@ -45,53 +45,42 @@ def main():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reference", action="store_true")
     p.add_argument("--device", default="auto")
-    args = p.parse_args()
-    device = parse_device(args.device)
-    dtype = getattr(torch, args.dtype)
-    from model import generate
+    return p.parse_args()
 
-    ours = build_ours(dtype, device)
-    sides = {"ours": ours}
-    if args.reference:
-        sides["reference"] = copy_weights_into_reference(ours, dtype, device)
-    prompt = torch.randint(0, 151643, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+
+def timed_generation(sides: dict, prompt: torch.Tensor, device):
+    """run(side, n_new) -> (seconds, new token ids), greedy, the same way on both sides."""
+    from model import generate
 
     def run(side: str, n_new: int):
         sync(device)
         t = time.perf_counter()
         with torch.no_grad():
             if side == "ours":
-                out = generate(ours, [prompt[0].tolist()], n_new)[0]
+                out = generate(sides["ours"], [prompt[0].tolist()], n_new)[0]
             else:
                 x = prompt.to(device)
                 out = sides["reference"].generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_new,
                                                   min_new_tokens=n_new, do_sample=False, eos_token_id=None,
-                                                  pad_token_id=0)[0, args.prompt:].tolist()
+                                                  pad_token_id=0)[0, prompt.shape[1]:].tolist()
         sync(device)
         return time.perf_counter() - t, out
 
-    info = machine()
+    return run
+
+
+def decode_bound(ours, args, device) -> tuple[float, float]:
+    """(copy bandwidth, tokens/s that bandwidth allows when every weight and the cache are read per token)."""
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    kv_bytes = 2 * ours.config.num_hidden_layers * ours.config.kv_size * (args.prompt + args.new // 2) \
+        * ours.model.embed_tokens.weight.element_size()
     bandwidth = copy_bandwidth(device)
-    kv_bytes = 2 * ours.config.num_hidden_layers * ours.config.kv_size * (args.prompt + args.new // 2) * ours.model.embed_tokens.weight.element_size()
-    limit = bandwidth / (weight_bytes + kv_bytes)
-    print(f"{info['cpu']} ({info['threads']} threads), torch {info['torch']}, device {device}, {args.dtype}")
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; {(weight_bytes + kv_bytes) / 1e9:.2f} GB read per token "
-          f"-> decode bound {limit:.1f} tokens/s")
-    results = {s: {"prefill": [], "decode": []} for s in sides}
-    tokens = {}
-    for i in range(args.warmup + args.runs):
-        for side in sides:
-            t1, _ = run(side, 1)
-            tn, out = run(side, args.new)
-            tokens[side] = out
-            if i >= args.warmup:
-                results[side]["prefill"].append(args.prompt / t1)
-                results[side]["decode"].append((args.new - 1) / (tn - t1))
-            print(f"  {side:<9} run {i + 1}{' (warm-up)' if i < args.warmup else ''}: prefill {args.prompt / t1:.1f} "
-                  f"tok/s, decode {(args.new - 1) / (tn - t1):.2f} tok/s", flush=True)
-    record = {"bench": "generate", "machine": info, "device": str(device), "dtype": args.dtype, "prompt": args.prompt,
-              "new_tokens": args.new, "copy_bandwidth": bandwidth, "decode_bound_tokens_per_s": limit, "sides": {}}
+          f"-> decode bound {bandwidth / (weight_bytes + kv_bytes):.1f} tokens/s")
+    return bandwidth, bandwidth / (weight_bytes + kv_bytes)
+
+
+def report(args, record: dict, results: dict, tokens: dict, limit: float) -> None:
     print(f"\n{'':<11}{'prefill tok/s':>15}{'decode tok/s':>14}{'of bound':>10}")
     for side, r in results.items():
         pre, dec = statistics.median(r["prefill"]), statistics.median(r["decode"])
@@ -104,6 +93,34 @@ def main():
         record["same_tokens"] = tokens["ours"] == tokens["reference"]
         print(f"\nours / reference: prefill {record['ratios']['prefill']:.2f}x, decode {record['ratios']['decode']:.2f}x; "
               f"same greedy tokens: {record['same_tokens']}")
+
+
+def main():
+    args = parse_args()
+    device = parse_device(args.device)
+    dtype = getattr(torch, args.dtype)
+    ours = build_ours(dtype, device)
+    sides = {"ours": ours}
+    if args.reference:
+        sides["reference"] = copy_weights_into_reference(ours, dtype, device)
+    run = timed_generation(sides, torch.randint(0, 151643, (1, args.prompt), generator=torch.Generator().manual_seed(0)),
+                           device)
+    info = machine()
+    print(f"{info['cpu']} ({info['threads']} threads), torch {info['torch']}, device {device}, {args.dtype}")
+    bandwidth, limit = decode_bound(ours, args, device)
+    results, tokens = {s: {"prefill": [], "decode": []} for s in sides}, {}
+    for i in range(args.warmup + args.runs):
+        for side in sides:  # prefill = a generation of one token; decode = the rest of a full generation
+            t1, _ = run(side, 1)
+            tn, tokens[side] = run(side, args.new)
+            if i >= args.warmup:
+                results[side]["prefill"].append(args.prompt / t1)
+                results[side]["decode"].append((args.new - 1) / (tn - t1))
+            print(f"  {side:<9} run {i + 1}{' (warm-up)' if i < args.warmup else ''}: prefill {args.prompt / t1:.1f} "
+                  f"tok/s, decode {(args.new - 1) / (tn - t1):.2f} tok/s", flush=True)
+    record = {"bench": "generate", "machine": info, "device": str(device), "dtype": args.dtype, "prompt": args.prompt,
+              "new_tokens": args.new, "copy_bandwidth": bandwidth, "decode_bound_tokens_per_s": limit, "sides": {}}
+    report(args, record, results, tokens, limit)
     append_result(record)
 
 

@@ -111,7 +111,7 @@ def worker(side: str, conn, dtype_name: str, device_name: str, batch: int, seq: 
             return
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--batch", type=int, default=4)
@@ -125,29 +125,24 @@ def main():
     p.add_argument("--compile", action="store_true", help="ours with torch.compile'd blocks")
     p.add_argument("--no-reuse-memory", action="store_true",
                    help="leave glibc's default of returning freed memory to the OS (train.py keeps it)")
-    args = p.parse_args()
-    device = parse_device(args.device)
-    dtype = getattr(torch, args.dtype)
+    return p.parse_args()
 
+
+def side_flops(args) -> dict[str, int]:
+    """The hardware work of one step on each side: ours recomputes the blocks' forward with --grad-checkpoint."""
     import flops
     from model import ModelConfig
 
-    def step_hardware_flops(recompute: bool) -> int:
+    def step(recompute: bool) -> int:
         return flops.count(ModelConfig(**QWEN_SHAPE, head_dim=64), args.batch, args.seq, recompute=recompute,
                            lora={"r": 8, "target_modules": ["q_proj", "v_proj"]}).train_step_hardware
 
-    # the work each side's machine executes: ours recomputes the blocks' forward with --grad-checkpoint
-    side_flops = {"ours": step_hardware_flops(args.grad_checkpoint), "reference": step_hardware_flops(False)}
-    step_flops = side_flops["ours"]
-    peak_size = 2048 if dtype == torch.float32 or device.type == "cuda" else 512
-    peak_before = matmul_peak(dtype, device, size=peak_size)
-    info = machine()
-    print(f"{info['cpu']} ({info['threads']} threads), torch {info['torch']}, device {device}, {args.dtype}"
-          + (f", GLIBC_TUNABLES={info['glibc_tunables']} (both sides)" if info["glibc_tunables"] else ""))
-    print(f"measured matmul peak {peak_before / 1e9:.1f} GFLOP/s; one step = {step_flops / 1e12:.3f} TFLOP (flops.py, hardware)")
+    return {"ours": step(args.grad_checkpoint), "reference": step(False)}
 
+
+def run_alternating(args, device, sides: list[str]) -> tuple[dict, dict]:
+    """One process per side; warm-up, then alternate their steps. Returns (step times, peak memory)."""
     ctx = mp.get_context("spawn")
-    sides = ["ours"] + (["reference"] if args.reference else [])
     procs, conns = {}, {}
     for side in sides:  # start one at a time, so the two set-ups do not add up in memory
         parent, child = ctx.Pipe()
@@ -157,7 +152,7 @@ def main():
         procs[side].start()
         assert parent.recv() == "ready"
         conns[side] = parent
-    times = {s: [] for s in sides}
+    times, peaks = {s: [] for s in sides}, {}
     try:
         for side in sides:
             conns[side].send("reset")
@@ -169,7 +164,6 @@ def main():
                 if i >= args.warmup:
                     times[side].append(t)
                 print(f"  {side:<9} step {i + 1}{' (warm-up)' if i < args.warmup else ''}: {t:.2f} s", flush=True)
-        peaks = {}
         for side in sides:
             conns[side].send("peak")
             peaks[side] = conns[side].recv()
@@ -177,20 +171,16 @@ def main():
         for side in sides:
             conns[side].send("stop")
             procs[side].join()
+    return times, peaks
 
-    # a shared virtual machine's speed drifts: the ceiling is the best of a measurement before and after
-    peak_after = matmul_peak(dtype, device, size=peak_size)
-    peak = max(peak_before, peak_after)
-    print(f"measured matmul peak after the steps {peak_after / 1e9:.1f} GFLOP/s; using {peak / 1e9:.1f}")
+
+def report(args, record: dict, flops_of: dict, times: dict, peaks: dict, peak: float) -> None:
+    """Print each side's figures and the ratios; add them to the record."""
     tokens = args.batch * args.seq
-    record = {"bench": "train_step", "machine": info, "device": str(device), "dtype": args.dtype, "batch": args.batch,
-              "grad_checkpoint": args.grad_checkpoint, "compile": args.compile, "reuse_memory": not args.no_reuse_memory,
-              "seq": args.seq, "step_flops_hardware": step_flops, "matmul_peak_flops": peak,
-              "matmul_peak_flops_before_after": [peak_before, peak_after], "sides": {}}
     print(f"\n{'':<11}{'median s':>10}{'min s':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'% peak':>8}{'peak mem GB':>13}")
-    for side in sides:
+    for side in times:
         s = summarize(times[side])
-        rate = side_flops[side] / s["median_s"]
+        rate = flops_of[side] / s["median_s"]
         record["sides"][side] = {**s, "tokens_per_s": tokens / s["median_s"], "flops_per_s": rate,
                                  "share_of_peak": rate / peak, "peak_memory_bytes": peaks[side]}
         print(f"{side:<11}{s['median_s']:>10.2f}{s['min_s']:>9.2f}{tokens / s['median_s']:>10.1f}{rate / 1e9:>9.1f}"
@@ -200,6 +190,30 @@ def main():
         record["ratios"] = {"speed": r["median_s"] / o["median_s"], "memory": o["peak_memory_bytes"] / r["peak_memory_bytes"]}
         print(f"\nours / reference: {record['ratios']['speed']:.2f}x the tokens/s, "
               f"{record['ratios']['memory']:.2f}x the peak memory")
+
+
+def main():
+    args = parse_args()
+    device = parse_device(args.device)
+    dtype = getattr(torch, args.dtype)
+    flops_of = side_flops(args)
+    peak_size = 2048 if dtype == torch.float32 or device.type == "cuda" else 512
+    peak_before = matmul_peak(dtype, device, size=peak_size)
+    info = machine()
+    print(f"{info['cpu']} ({info['threads']} threads), torch {info['torch']}, device {device}, {args.dtype}"
+          + (f", GLIBC_TUNABLES={info['glibc_tunables']} (both sides)" if info["glibc_tunables"] else ""))
+    print(f"measured matmul peak {peak_before / 1e9:.1f} GFLOP/s; one step = {flops_of['ours'] / 1e12:.3f} TFLOP "
+          f"(flops.py, hardware)")
+    times, peaks = run_alternating(args, device, ["ours"] + (["reference"] if args.reference else []))
+    # a shared virtual machine's speed drifts: the ceiling is the best of a measurement before and after
+    peak_after = matmul_peak(dtype, device, size=peak_size)
+    peak = max(peak_before, peak_after)
+    print(f"measured matmul peak after the steps {peak_after / 1e9:.1f} GFLOP/s; using {peak / 1e9:.1f}")
+    record = {"bench": "train_step", "machine": info, "device": str(device), "dtype": args.dtype, "batch": args.batch,
+              "grad_checkpoint": args.grad_checkpoint, "compile": args.compile, "reuse_memory": not args.no_reuse_memory,
+              "seq": args.seq, "step_flops_hardware": flops_of["ours"], "matmul_peak_flops": peak,
+              "matmul_peak_flops_before_after": [peak_before, peak_after], "sides": {}}
+    report(args, record, flops_of, times, peaks, peak)
     append_result(record)
 
 

@@ -1,19 +1,57 @@
-"""Next-token cross-entropy without materialising the full-vocabulary logits.
+"""Next-token cross-entropy: the plain definition, then the version training uses.
 
-For Qwen2.5, logits for 4 x 512 tokens are 4 x 512 x 151,936 floats: 1.2 GB in fp32, and a naive
-loss keeps several copies alive for the backward pass. Here the lm_head and the loss run in chunks
-of rows, and because d(loss)/d(hidden) = (softmax(logits) - onehot(target)) @ W is cheap to form
-while the chunk's logits are at hand, the gradient is computed in the same pass and kept (it is only
-(N, D)). The backward then just scales it: the same FLOPs as the plain way, a fraction of the memory.
+The definition, in five lines (`lm_loss_sum_reference`): full logits, then the sum of
+F.cross_entropy over the positions whose next token is real text. Training uses `lm_loss_sum`, which
+returns exactly that sum (tested to float precision, loss and gradients) without ever forming the
+(B, T, V) logits: for Qwen2.5 at 4 x 512 tokens those are 4 x 512 x 151,936 floats, 1.2 GB in fp32,
+and the plain backward keeps several copies alive. The lm_head and the loss run a chunk of rows at a
+time; and because d(loss)/d(hidden) = (softmax(logits) - onehot(target)) @ W is cheap to form while
+the chunk's logits are at hand, the gradient is computed in the same pass and kept (only (N, D)). The
+backward then just scales it: the same FLOPs as the plain way, a fraction of the memory.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
+
+
+def target_mask(real: torch.Tensor) -> torch.Tensor:
+    """(B, T) real-token mask -> (B, T-1): position t predicts token t+1, and counts only where both
+    are real text (right padding neither predicts nor is predicted)."""
+    return real[:, 1:] & real[:, :-1]
+
+
+def lm_loss_sum_reference(model, input_ids: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The definition: (sum of next-token losses over real targets, their count), with full logits."""
+    keep = target_mask(real)  # (B, T-1)
+    logits = model(input_ids)[:, :-1]  # (B, T-1, V)
+    loss = F.cross_entropy(logits[keep].float(), input_ids[:, 1:][keep], reduction="sum")
+    return loss, int(keep.sum())
+
+
+def lm_loss_sum(model, input_ids: torch.Tensor, real: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, int]:
+    """Equal to `lm_loss_sum_reference`, computed `chunk` rows of logits at a time.
+
+    Returning the sum (not the mean) lets the caller divide by the token count of a whole accumulated
+    batch.
+    """
+    hidden = model.hidden_states(input_ids)  # (B, T, D)
+    keep = target_mask(real)  # (B, T-1)
+    h = hidden[:, :-1][keep]  # (n, D): only rows that enter the loss
+    y = input_ids[:, 1:][keep]  # (n,)
+    if len(y) == 0:
+        return hidden.sum() * 0.0, 0
+    return ChunkedLinearCrossEntropy.apply(h, model.lm_head.weight, y, chunk), int(len(y))
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(h_i @ W^T, y_i) over rows of h (N, D), with W (V, D), computed `chunk` rows at a time."""
+    """sum_i CE(h_i @ W^T, y_i) over rows of h (N, D), with W (V, D), computed `chunk` rows at a time.
+
+    W's gradient is formed only when W trains (full fine-tuning; LoRA keeps lm_head frozen).
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk: int):
@@ -37,7 +75,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[s : s + chunk] = probs @ weight  # (n, V) @ (V, D) -> (n, D)
                 if need_w:
-                    grad_w += (probs.T @ h).float()  # (V, n) @ (n, D)
+                    grad_w += (probs.T @ h).float()  # (V, n) @ (n, D) -> (V, D)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
@@ -50,16 +88,18 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None
 
 
-def lm_loss_sum(model, input_ids: torch.Tensor, real: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, int]:
-    """(sum of next-token losses over real targets, their count) for right-padded windows.
-
-    Position t predicts token t+1; a target counts only where token t+1 is real text. Returning the
-    sum lets the caller divide by the token count of the whole accumulated batch.
-    """
-    hidden = model.hidden_states(input_ids)  # (B, T, D)
-    keep = real[:, 1:] & real[:, :-1]  # (B, T-1): a real token predicting a real token
-    h = hidden[:, :-1][keep]  # (n, D): only rows that enter the loss
-    y = input_ids[:, 1:][keep]  # (n,)
-    if len(y) == 0:
-        return hidden.sum() * 0.0, 0
-    return ChunkedLinearCrossEntropy.apply(h, model.lm_head.weight, y, chunk), int(len(y))
+@torch.no_grad()
+def mean_loss(model, input_ids: torch.Tensor, real: torch.Tensor, batch_size: int, chunk: int = 512,
+              autocast=contextlib.nullcontext) -> float:
+    """Mean next-token loss per real target over a set of windows (B, T), in batches, in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for s in range(0, len(input_ids), batch_size):
+        with autocast():
+            loss_sum, n = lm_loss_sum(model, input_ids[s : s + batch_size].to(device),
+                                      real[s : s + batch_size].to(device), chunk)
+        total, count = total + float(loss_sum), count + n
+    model.train(was_training)
+    return total / max(count, 1)

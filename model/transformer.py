@@ -36,6 +36,11 @@ class RMSNorm(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- RoPE
+# Rotary position embedding: each pair of coordinates (i, i + hd/2) of a query or key at position m is
+# rotated by the angle m * theta^(-2i/hd). A rotation keeps lengths and turns dot products into
+# functions of the angle *difference*, so q_m . k_n depends on the positions only through m - n: the
+# model sees how far apart two tokens are, never where they are. theta (1e6 in Qwen2.5, from
+# config.json) sets the slowest frequency, and with it how far apart positions stay distinguishable.
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     """Inverse frequencies theta^(-2i/hd), built exactly as transformers builds them (in fp32)."""
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -73,7 +78,19 @@ class KVCache:
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, L_max)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
         self.length = 0  # positions filled so far (the same for every row)
-        self.max_len = max_len
+
+    def add_tokens(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Book T new tokens (`real` (B, T): False for left padding) before the layers write them.
+
+        Returns their RoPE positions (B, T), which continue each row's own count, and which of all
+        keys so far are real (B, L = length + T).
+        """
+        start, T = self.length, real.shape[1]
+        self.key_valid[:, start : start + T] = real
+        positions = rope_positions(real, offset=self.next_pos[:, None])
+        self.next_pos += real.long().sum(1)
+        self.length = start + T
+        return positions, self.key_valid[:, : start + T]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
         """Write this chunk's keys/values at [start, start + T) and return all keys/values so far."""
@@ -87,8 +104,18 @@ class KVCache:
 class Attention(nn.Module):
     """Grouped-query attention: K key/value heads, each serving H/K *consecutive* query heads.
 
-    `impl="sdpa"` uses torch's fused kernel; `impl="matmul"` spells out softmax(q k^T / sqrt(hd)) v
-    for reading and for FLOP counting. Both are tested equal.
+    Qwen2.5-0.5B has H = 14 query heads and K = 2 key/value heads, so groups of 7:
+
+        query heads   q0 q1 q2 q3 q4 q5 q6   q7 q8 q9 q10 q11 q12 q13
+                      \_________ _________/   \___________ ___________/
+                                v                           v
+        kv heads               kv0                         kv1
+
+    Query head h reads key/value head h // 7 (not h % 2): that is how the checkpoint's k_proj and
+    v_proj rows are laid out, and the same in both paths below. `impl="matmul"` spells attention
+    out, softmax(q k^T / sqrt(hd)) v, copying each KV head 7 times with repeat_interleave (for
+    reading and for FLOP counting); `impl="sdpa"` calls torch's fused kernel with `enable_gqa=True`,
+    which does the same indexing without the copies. The two are tested equal.
     """
 
     def __init__(self, config: ModelConfig):
@@ -131,11 +158,28 @@ class Attention(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ MLP
-class SwiGLUProduct(torch.autograd.Function):
-    """silu(gate) * up, saving only `gate` and `up` for the backward pass.
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
 
-    Autograd would also keep silu(gate), a third (B, T, I) tensor per layer: for Qwen2.5-0.5B at 4 x 512
-    tokens that is 40 MB x 24 layers of memory, recomputed here in the backward for a few elementwise ops.
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, I) each
+        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+            return self.down_proj(SwiGLUWithoutStoredSilu.apply(gate, up))  # the same, one (B, T, I) less kept
+        return self.down_proj(F.silu(gate) * up)  # (B, T, D)
+
+
+class SwiGLUWithoutStoredSilu(torch.autograd.Function):
+    """silu(gate) * up, equal to the plain expression in value and gradient, keeping only `gate` and
+    `up` for the backward pass.
+
+    Plain autograd also keeps silu(gate), a third (B, T, I) tensor per layer: for Qwen2.5-0.5B at
+    4 x 512 tokens, 40 MB x 24 layers. Here it is recomputed in the backward, a few elementwise ops.
     """
 
     @staticmethod
@@ -150,22 +194,6 @@ class SwiGLUProduct(torch.autograd.Function):
         # torch's fused kernel for (grad * up) * silu'(gate): one pass instead of six temporaries
         d_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
         return d_gate, d_up
-
-
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x):
-        gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, I) each
-        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-            return self.down_proj(SwiGLUProduct.apply(gate, up))  # (B, T, D)
-        return self.down_proj(F.silu(gate) * up)  # (B, T, D)
 
 
 # ---------------------------------------------------------------------------------------------- block
@@ -237,7 +265,12 @@ class Transformer(nn.Module):
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
-        positions, mask, is_causal = self._positions_and_mask(B, T, start, pad_mask, cache, input_ids.device)
+        if cache is None and pad_mask is None:  # training and scoring: every token real, plain causal
+            positions, mask, is_causal = torch.arange(T, device=input_ids.device).expand(B, T), None, True
+        else:
+            real = pad_mask if pad_mask is not None else torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+            positions, key_valid = cache.add_tokens(real) if cache is not None else (rope_positions(real), real)
+            mask, is_causal = attention_mask(key_valid, start)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = rope_cos_sin(positions, self.inv_freq(x.device), x.dtype)  # (B, 1, T, hd) each
         for i, block in enumerate(self.model.layers):
@@ -245,8 +278,6 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, cos, sin, mask, is_causal, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, is_causal, cache, i, start)
-        if cache is not None:
-            cache.length = start + T
         return self.model.norm(x)
 
     def forward(self, input_ids, pad_mask=None, cache: KVCache | None = None, last_only: bool = False):
@@ -255,33 +286,37 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         return self.lm_head(h)  # (B, T, V)
 
-    @staticmethod
-    def _positions_and_mask(B, T, start, pad_mask, cache, device):
-        """RoPE positions (B, T) and the attention mask (B, 1, T, L) or, when plain causal works, None.
 
-        SDPA's `is_causal` aligns the mask to the top-left corner, which is only right when queries and
-        keys start together: a chunk that follows a filled cache needs an explicit mask.
-        """
-        if pad_mask is None and cache is None:
-            return torch.arange(T, device=device).expand(B, T), None, True
-        real = pad_mask if pad_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
-        offset = cache.next_pos[:, None] if cache is not None else 0
-        positions = (offset + real.long().cumsum(1) - 1).clamp(min=0)  # (B, T): pads do not advance RoPE
-        if cache is None:
-            key_valid = real  # (B, L=T)
-        else:
-            cache.key_valid[:, start : start + T] = real
-            cache.next_pos += real.long().sum(1)
-            key_valid = cache.key_valid[:, : start + T]  # (B, L)
-            if pad_mask is None and not cache.key_valid[:, :start].logical_not().any():
-                if T == 1:
-                    return positions, None, False  # one new token sees every cached key
-                if start == 0:
-                    return positions, None, True
-        L = key_valid.shape[1]
-        q_idx = torch.arange(start, start + T, device=device)[:, None]  # (T, 1) absolute query index
-        k_idx = torch.arange(L, device=device)[None, :]  # (1, L)
-        causal = k_idx <= q_idx  # (T, L)
-        # a padding query sees only itself: its output is unused, but a fully masked row would be NaN
-        mask = (causal & key_valid[:, None, :]) | (k_idx == q_idx)  # (B, T, L)
-        return positions, mask[:, None], False  # (B, 1, T, L)
+# -------------------------------------------------------------------------------- positions and masks
+def rope_positions(real: torch.Tensor, offset=0) -> torch.Tensor:
+    """RoPE position of each token (B, T): a row's count of real tokens so far, so left padding does
+    not shift the positions of the text after it (a padded row then matches the row alone)."""
+    return (offset + real.long().cumsum(1) - 1).clamp(min=0)
+
+
+def attention_mask(key_valid: torch.Tensor, start: int) -> tuple[torch.Tensor | None, bool]:
+    """(mask (B, 1, T, L) or None, is_causal) for T = L - start queries over L keys.
+
+    key_valid (B, L) says which keys are real tokens; query j sits at absolute index start + j. A query
+    attends to key i when i <= its index (causal) and key i is real. Worked example: T = 3 new tokens
+    after L = 2 cached (start = 2), and row 0 began with one left pad (key 0):
+
+                        key 0 (pad)   key 1   key 2   key 3   key 4
+        query 2 (j=0)        .          x       x       .       .
+        query 3 (j=1)        .          x       x       x       .
+        query 4 (j=2)        .          x       x       x       x
+
+    A padding query would see nothing at all, and a softmax over nothing is NaN; it is let see
+    itself (its output is never used). With no padding anywhere, no mask is needed: from start = 0
+    it is SDPA's own causal mode, and one new token (T = 1) sees every key. SDPA's `is_causal`
+    aligns its triangle to the top-left corner, which is wrong once a cache offsets the queries
+    (start > 0, T > 1): that case always gets the explicit mask.
+    """
+    L = key_valid.shape[1]
+    T = L - start
+    if bool(key_valid.all()) and (start == 0 or T == 1):
+        return None, start == 0
+    q_idx = torch.arange(start, L, device=key_valid.device)[:, None]  # (T, 1) absolute query index
+    k_idx = torch.arange(L, device=key_valid.device)[None, :]  # (1, L)
+    mask = ((k_idx <= q_idx) & key_valid[:, None, :]) | (k_idx == q_idx)  # (B, T, L)
+    return mask[:, None], False  # (B, 1, T, L)

@@ -12,9 +12,9 @@ from model.tiny import tiny_tokenizer
 
 
 def hf_config(kind: str = "qwen2", *, hidden=64, heads=4, kv=2, head_dim=None, layers=2, inter=96, vocab=96,
-              tie=None, theta=10000.0, bias=None):
+              tie=None, theta=10000.0, bias=None, max_positions=512):
     common = dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                  num_key_value_heads=kv, vocab_size=vocab, rms_norm_eps=1e-6, max_position_embeddings=512,
+                  num_key_value_heads=kv, vocab_size=vocab, rms_norm_eps=1e-6, max_position_embeddings=max_positions,
                   rope_theta=theta)
     if head_dim is not None:
         common["head_dim"] = head_dim

@@ -3,11 +3,10 @@
 import json
 
 import pytest
-import torch
 
 import flops
 import lora
-from model import ModelConfig, load_config, load_model
+from model import ModelConfig, load_config
 from model.tiny import tiny_model
 from tests.conftest import QWEN_DIR, needs_qwen_files
 from tests.hf_twins import twin
@@ -117,3 +116,20 @@ def test_recomputed_forward_of_activation_checkpointing_is_counted_exactly(targe
     rep, plain = flops.count(model, 2, 9, recompute=True), flops.count(model, 2, 9)
     assert rep.recompute_hardware > 0 and rep.train_step_hardware == plain.train_step_hardware + rep.recompute_hardware
     assert rep.train_step_coursework == plain.train_step_coursework  # the coursework convention counts the algorithm
+
+
+def test_lora_and_optimizer_terms_by_hand():
+    # the worked example's model (N = 3 tokens, D = 4, q_proj 4 -> 4, v_proj 4 -> 2) with LoRA r = 2 on q and v
+    cfg = ModelConfig(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=2)
+    rep = flops.count(cfg, batch=1, seq=3, lora={"r": 2, "target_modules": ["q_proj", "v_proj"]})
+    # A: (3x4)(4x2) = 3*2*7 = 42 for q and for v
+    assert rep.ops["lora_A"].coursework == 42 + 42
+    # B: (3x2)(2xd_out) = 3*d_out*3, then scale and add 2 per output: q 36 + 24, v 18 + 12
+    assert rep.ops["lora_B"].coursework == (36 + 24) + (18 + 12)
+    # trainable: r*(in + out) = 2*(4+4) + 2*(4+2); AdamW with clipping: 28 per parameter
+    assert rep.trainable_params == 16 + 12 == 28
+    assert rep.optimizer_coursework == 28 * 28
+    plain = flops.count(cfg, batch=1, seq=3, trainable="none")
+    assert rep.forward_coursework == plain.forward_coursework + 84 + 90
+    assert rep.train_step_coursework == 3 * (rep.forward_coursework + rep.loss_coursework) + 784

@@ -89,14 +89,17 @@ def test_left_padded_batch_equals_rows_alone():
     prompts = [IDS[0, :5].tolist(), IDS[1, :12].tolist(), IDS[0, 3:11].tolist()]
     batched = generate(model, prompts, 20, vocab_limit=79)
     assert batched == [generate(model, [p], 20, vocab_limit=79)[0] for p in prompts]
-    # and a padded full forward equals each row's own forward at the real positions
+    # and a padded full forward equals each row's own forward at the real positions; the padding id is
+    # a real token id (0 occurs in text too), so only the mask may tell padding apart
     ids = torch.zeros(2, 12, dtype=torch.long)
     ids[0, 7:], ids[1] = torch.tensor(prompts[0]), torch.tensor(prompts[1])
-    pad = ids != 0
-    pad[1] = True
+    ids[1, 3] = 0
+    pad = torch.ones(2, 12, dtype=torch.bool)
+    pad[0, :7] = False
     with torch.no_grad():
         out = model(ids, pad_mask=pad)
         torch.testing.assert_close(out[0, 7:], model(torch.tensor([prompts[0]]))[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[1], model(ids[1:])[0], atol=1e-5, rtol=1e-5)
 
 
 def test_sdpa_equals_matmul_with_cache_and_padding():
@@ -127,11 +130,12 @@ def test_generation_stops_on_every_end_token():
     model, tok = tiny_model(), load_tokenizer("tiny")
     assert set(tok.eos_ids) == {tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")}
     for eos in tok.eos_ids:
+        model = tiny_model()
         with torch.no_grad():
             model.lm_head.weight.zero_()
             model.lm_head.weight[eos] = 1.0  # every position now prefers this end token
         assert generate(model, [[1, 2, 3]], 10, eos_ids=tok.eos_ids) == [[]]
-        model = tiny_model()
+        assert len(generate(model, [[1, 2, 3]], 10, eos_ids=[])[0]) == 10  # not an end token: runs to the limit
 
 
 def test_tiny_preset_is_deterministic():
@@ -249,12 +253,55 @@ def test_real_qwen_config():
     assert cfg.head_dim == 64 and cfg.rope_theta == 1e6 and cfg.tie_word_embeddings and cfg.vocab_size == 151936
 
 
-def test_swiglu_product_gradients_equal_autograd():
-    from model.transformer import SwiGLUProduct
+def test_memory_saving_swiglu_equals_the_plain_definition():
+    from model.transformer import SwiGLUWithoutStoredSilu
 
     g = torch.Generator().manual_seed(0)
     gate = torch.randn(3, 5, 7, dtype=torch.float64, generator=g, requires_grad=True)
     up = torch.randn(3, 5, 7, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(SwiGLUProduct.apply, (gate, up))
-    out = SwiGLUProduct.apply(gate.float(), up.float())
-    assert torch.equal(out, torch.nn.functional.silu(gate.float()) * up.float())  # the forward is bit-identical
+    assert torch.autograd.gradcheck(SwiGLUWithoutStoredSilu.apply, (gate, up))
+    # against the plain definition in fp32: the same value to the bit, the same gradients
+    g32, u32 = gate.detach().float().requires_grad_(), up.detach().float().requires_grad_()
+    lean = SwiGLUWithoutStoredSilu.apply(g32, u32)
+    plain = torch.nn.functional.silu(g32) * u32
+    assert torch.equal(lean, plain)
+    grad_out = torch.randn(3, 5, 7, generator=g)
+    for a, b in zip(torch.autograd.grad(lean, (g32, u32), grad_out), torch.autograd.grad(plain, (g32, u32), grad_out)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_parity_with_transformers_far_from_the_start(tmp_path):
+    """1,100 positions with Qwen2.5's rope_theta = 1e6: RoPE angles, the cache and GQA far from position 0."""
+    hf, ours, _ = twin(tmp_path, theta=1e6, max_positions=4096, head_dim=32)
+    ids = torch.randint(0, 79, (1, 1100), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        for impl in ("sdpa", "matmul"):
+            ours.set_attention(impl)
+            torch.testing.assert_close(ours(ids)[:, -100:], ref[:, -100:], atol=1e-4, rtol=1e-4)
+        ours.set_attention("sdpa")
+        expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, 1100:].tolist()
+    assert generate(ours, [ids[0].tolist()], 8) == [expected]
+
+
+def test_top_k_and_top_p_sample_the_hand_computed_distribution():
+    from model.generate import process_logits, sample_next
+
+    p = torch.tensor([[0.1, 0.4, 0.2, 0.3]])
+    cases = [  # (temperature, top_k, top_p) -> the distribution worked out by hand
+        ((1.0, None, None), [0.1, 0.4, 0.2, 0.3]),
+        ((1.0, 2, None), [0, 4 / 7, 0, 3 / 7]),  # the two largest, renormalised
+        ((1.0, None, 0.6), [0, 4 / 7, 0, 3 / 7]),  # 0.4 < 0.6, so 0.3 joins; the nucleus ends there
+        ((1.0, None, 0.75), [0, 4 / 9, 2 / 9, 3 / 9]),  # 0.4 + 0.3 < 0.75, so 0.2 joins too
+        ((1.0, None, 0.3), [0, 1, 0, 0]),  # the top token alone already covers 0.3
+        ((2.0, 3, None), [0, 0.4**0.5, 0.2**0.5, 0.3**0.5]),  # temperature 2: p^(1/2), then the top 3
+    ]
+    g = torch.Generator().manual_seed(0)
+    for (temperature, top_k, top_p), want in cases:
+        want = torch.tensor([want]) / sum(want)
+        logits = process_logits(p.log(), temperature, top_k, top_p)
+        torch.testing.assert_close(logits.softmax(-1), want, atol=1e-6, rtol=1e-6)
+        draws = torch.stack([sample_next(logits.expand(2000, 4), temperature, g) for _ in range(5)]).flatten()
+        freq = torch.bincount(draws, minlength=4).float() / len(draws)
+        torch.testing.assert_close(freq, want[0], atol=0.015, rtol=0)  # 10,000 draws: ~0.005 standard error

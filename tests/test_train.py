@@ -14,7 +14,7 @@ import lora
 import train
 from checkpoints import latest_checkpoint
 from common import UserError
-from model.loss import lm_loss_sum
+from model.loss import lm_loss_sum, lm_loss_sum_reference
 from model.tiny import tiny_model
 from optim import AdamW, clip_grad_norm, lr_at
 from tests.conftest import ROOT
@@ -66,9 +66,11 @@ def test_adamw_matches_torch():
             p.grad, q.grad = g.clone(), g.clone()
         ours.step()
         ref.step()
-    for p, q in zip(ours_p.values(), ref_p):
+    for (name, p), q in zip(ours_p.items(), ref_p):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(ours.m[next(k for k, v in ours_p.items() if v is p)], ref.state[q]["exp_avg"], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(ours.m[name], ref.state[q]["exp_avg"], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(ours.v[name], ref.state[q]["exp_avg_sq"], atol=1e-6, rtol=1e-6)
+    assert ours.step_count == 20
 
 
 def test_adamw_eps_outside_sqrt_and_decay_times_lr():
@@ -110,13 +112,28 @@ def test_chunked_loss_equals_full_logits_cross_entropy(chunk):
     (s / n).backward()
     ours = {k: p.grad.clone() for k, p in lora.lora_parameters(model).items()}
     model.zero_grad()
-    keep = real[:, 1:]
-    ref = F.cross_entropy(model(ids)[:, :-1][keep].float(), ids[:, 1:][keep])
-    ref.backward()
-    assert n == int(keep.sum())
-    torch.testing.assert_close(s / n, ref, atol=1e-5, rtol=1e-6)
+    ref_sum, ref_n = lm_loss_sum_reference(model, ids, real)
+    (ref_sum / ref_n).backward()
+    assert n == ref_n == int(real[:, 1:].sum())
+    torch.testing.assert_close(s / n, ref_sum / ref_n, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(ref_sum / ref_n, F.cross_entropy(model(ids)[:, :-1][real[:, 1:]], ids[:, 1:][real[:, 1:]]))
     for k, p in lora.lora_parameters(model).items():
         torch.testing.assert_close(ours[k], p.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_loss_gives_lm_head_its_gradient_when_it_trains():
+    """Full fine-tuning: every parameter trains, the tied lm_head/embedding too."""
+    ids = torch.randint(0, 79, (2, 10), generator=torch.Generator().manual_seed(2))
+    real = torch.ones(2, 10, dtype=torch.bool)
+    grads = []
+    for loss_fn in (lambda m: lm_loss_sum(m, ids, real, 7), lambda m: lm_loss_sum_reference(m, ids, real)):
+        model = tiny_model()
+        s, n = loss_fn(model)
+        (s / n).backward()
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys() and grads[0]["model.embed_tokens.weight"].abs().sum() > 0  # = lm_head (tied)
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-5, rtol=1e-4)
 
 
 def test_gradient_accumulation_averages_over_tokens():
@@ -349,6 +366,14 @@ def test_reuse_freed_memory_takes_effect_on_glibc_and_respects_user_tunables(mon
     monkeypatch.delenv("GLIBC_TUNABLES")
     on_glibc = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
     assert reuse_freed_memory() is on_glibc
-    x = torch.ones(64 << 20, dtype=torch.uint8)  # a block above glibc's default mmap threshold
+    if not on_glibc:
+        return
+    import psutil
+
+    rss = psutil.Process().memory_info().rss
+    x = torch.ones(64 << 20, dtype=torch.uint8)  # a block above glibc's default 32 MB mmap threshold
+    touched = psutil.Process().memory_info().rss
     del x
-    assert torch.ones(1000).sum() == 1000
+    kept = psutil.Process().memory_info().rss
+    assert touched - rss > 48 << 20  # the block was really faulted in
+    assert kept > touched - (16 << 20)  # freed, but kept resident for reuse instead of unmapped
