@@ -155,8 +155,10 @@ def reuse_freed_memory() -> bool:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]  # an int: a larger value would wrap silently
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 62))
+        INT_MAX = 2**31 - 1  # keep up to 2 GB of free memory at the top of the heap instead of trimming it
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, INT_MAX))
     except (OSError, AttributeError):
         return False  # not glibc (musl, macOS): nothing to do
 

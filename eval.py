@@ -256,6 +256,7 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0)
     a("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     a("--device", default="auto")
+    a("--quantize", default=None, choices=["nf4"], help="store the base model's projections in 4-bit NF4 (QLoRA runs)")
     args = p.parse_args(argv)
     if args.samples < 1 or args.horizon < 1 or args.context_steps < 1 or args.batch_size < 1:
         raise UserError("--samples, --horizon, --context-steps and --batch-size must be at least 1")
@@ -323,7 +324,7 @@ def main(argv=None) -> dict:
     device = parse_device(args.device)
     runs = {adapter: run_settings(adapter) for adapter in args.adapter}
     values, dataset, split, source = evaluation_values(args, runs)
-    base_model, tok = load_pretrained(args.model, dtype=parse_dtype(args.dtype), device=device)
+    base_model, tok = load_pretrained(args.model, dtype=parse_dtype(args.dtype), device=device, quantize=args.quantize)
     variants = load_variants(args, runs, base_model, Scaler.fit(dataset[split["train"]]))
 
     results, forecasts, task = {}, {}, None

@@ -29,6 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--quantize", default=None, choices=["nf4"], help="store the projections in 4-bit NF4")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
@@ -45,7 +46,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = parse_device(args.device)
     torch.manual_seed(args.seed)
-    model, tok = load_pretrained(args.model, dtype=parse_dtype(args.dtype), device=device)
+    model, tok = load_pretrained(args.model, dtype=parse_dtype(args.dtype), device=device, quantize=args.quantize)
     if args.adapter:
         from lora import load_adapter
 

@@ -84,6 +84,7 @@ FLAGS = (  # (flag, default, help, argparse keywords). Every flag parses to None
     ("--grad-checkpoint", False, "recompute activations in the backward pass", ON_OFF),
     ("--compile", False, "torch.compile each block (fuses the elementwise work; needs a C++ compiler on CPU)", ON_OFF),
     ("--loss-chunk", 512, "rows of logits formed at once by the loss", {"type": int}),
+    ("--quantize", None, "store the frozen projections in 4-bit NF4 (QLoRA; model/nf4.py)", {"choices": ["nf4"]}),
 )
 DEFAULTS = {flag[2:].replace("-", "_"): default for flag, default, _, _ in FLAGS}
 # What may change between the sessions of one run; everything else would silently change the run.
@@ -372,7 +373,7 @@ def setup(args, saved: dict | None) -> Run:
 
     reuse_freed_memory()
     torch.manual_seed(args.seed)
-    model, tok = load_pretrained(args.model, dtype=dtype, device=device)
+    model, tok = load_pretrained(args.model, dtype=dtype, device=device, quantize=args.quantize)
     lora.apply_lora(model, rank=args.rank, alpha=args.alpha, targets=args.targets, dropout=args.dropout)
     model.grad_checkpoint = args.grad_checkpoint
     if args.compile:

@@ -4,8 +4,10 @@
     python bench/load.py --checkpoint DIR     # or measures a real one
 
 Each measurement runs in a fresh process (the file is in the page cache after the first read, for all
-of them alike): reading the file into one buffer, `model.load_model` in the stored dtype, and
-transformers' `from_pretrained` as the reference. Peak RSS growth is VmHWM minus the RSS before loading.
+of them alike): reading the file into one buffer, `model.load_model` in the stored dtype, the same with
+`quantize="nf4"` (the seven projections quantized tensor by tensor as they are read), and transformers'
+`from_pretrained` as the reference. Peak RSS growth is VmHWM minus the RSS before loading; the resident
+size is the model's own tensors (parameters and buffers) once loaded.
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ SNIPPETS = {
         base = status('VmRSS'); t = time.perf_counter()
         m = load_model(CKPT, dtype=torch.bfloat16)
     """,
+    "ours, NF4 (QLoRA)": """
+        from model import Transformer, load_model
+        from model.tiny import tiny_config
+        with torch.device('meta'): Transformer(tiny_config())
+        base = status('VmRSS'); t = time.perf_counter()
+        m = load_model(CKPT, dtype=torch.bfloat16, quantize='nf4')
+    """,
     "transformers": """
         import transformers
         base = status('VmRSS'); t = time.perf_counter()
@@ -54,7 +63,9 @@ def status(key):
     return int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]) * 1024
 """
 EPILOGUE = """
-print(json.dumps({"seconds": time.perf_counter() - t, "rss_growth": status('VmHWM') - base}))
+seconds = time.perf_counter() - t
+tensors = sum(x.numel() * x.element_size() for x in list(m.parameters()) + list(m.buffers())) if 'm' in dir() else 0
+print(json.dumps({"seconds": seconds, "rss_growth": status('VmHWM') - base, "model_bytes": tensors}))
 """
 
 
@@ -86,14 +97,17 @@ def main():
     runs = {n: [measure(n, ckpt) for _ in range(args.runs)] for n in names}
     info = machine()
     print(f"{info['cpu']} ({info['threads']} threads), torch {info['torch']}; checkpoint {size / 1e6:.0f} MB (bf16)")
-    print(f"{'':<20}{'median s':>10}{'vs read':>9}{'peak RSS growth':>17}{'x size':>8}")
+    print(f"{'':<20}{'median s':>10}{'vs read':>9}{'peak RSS growth':>17}{'x size':>8}{'model tensors':>15}")
     record = {"bench": "load", "machine": info, "checkpoint_bytes": size, "sides": {}}
     read = statistics.median(r["seconds"] for r in runs["read file"])
     for n in names:
         sec = statistics.median(r["seconds"] for r in runs[n])
         rss = statistics.median(r["rss_growth"] for r in runs[n])
-        record["sides"][n] = {"seconds": sec, "vs_read": sec / read, "rss_growth": rss, "rss_over_size": rss / size}
-        print(f"{n:<20}{sec:>10.2f}{sec / read:>8.2f}x{rss / 1e9:>15.2f} GB{rss / size:>7.2f}x")
+        model_bytes = runs[n][0]["model_bytes"]
+        record["sides"][n] = {"seconds": sec, "vs_read": sec / read, "rss_growth": rss, "rss_over_size": rss / size,
+                              "model_bytes": model_bytes}
+        print(f"{n:<20}{sec:>10.2f}{sec / read:>8.2f}x{rss / 1e9:>15.2f} GB{rss / size:>7.2f}x"
+              + (f"{model_bytes / 1e6:>12.0f} MB" if model_bytes else ""))
     append_result(record)
     if tmp:
         tmp.cleanup()

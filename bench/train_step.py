@@ -27,11 +27,14 @@ from _util import (QWEN_SHAPE, append_result, machine, matmul_peak, peak_memory,
 from common import parse_device
 
 
-def build_ours(dtype, device):
+def build_ours(dtype, device, quantize: bool = False):
     import lora
+    from model.nf4 import quantize_projections
     from optim import AdamW
 
     model = random_qwen(scale=0.05).to(dtype=dtype, device=device)  # 0.05: sane activations in 24 random layers
+    if quantize:
+        quantize_projections(model)  # as load_model(quantize="nf4") leaves it
     torch.manual_seed(0)
     lora.apply_lora(model, rank=8, alpha=16, targets=("q_proj", "v_proj"), verbose=False)
     model.train()
@@ -55,20 +58,20 @@ def worker(side: str, conn, dtype_name: str, device_name: str, batch: int, seq: 
            reuse_memory: bool, grad_checkpoint: bool, compile_blocks: bool):
     if threads:
         torch.set_num_threads(threads)
-    if side == "ours" and reuse_memory:
+    if side != "reference" and reuse_memory:
         from common import reuse_freed_memory
 
         reuse_freed_memory()  # as train.py does
     dtype, device = getattr(torch, dtype_name), torch.device(device_name)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 151643, (batch, seq), generator=g)
-    if side == "ours":
+    if side in ("ours", "ours-nf4"):
         import contextlib
 
         import train
         from data.windows import TokenWindows
 
-        model, opt = build_ours(dtype, device)
+        model, opt = build_ours(dtype, device, quantize=side == "ours-nf4")
         model.grad_checkpoint = grad_checkpoint  # as train.py --grad-checkpoint
         if compile_blocks:
             model.compile_blocks()  # as train.py --compile
@@ -125,6 +128,8 @@ def parse_args():
     p.add_argument("--compile", action="store_true", help="ours with torch.compile'd blocks")
     p.add_argument("--no-reuse-memory", action="store_true",
                    help="leave glibc's default of returning freed memory to the OS (train.py keeps it)")
+    p.add_argument("--quantize", default=None, choices=["nf4"],
+                   help="add a side: ours with NF4 projections (QLoRA), beside ours in --dtype, same run")
     return p.parse_args()
 
 
@@ -137,7 +142,7 @@ def side_flops(args) -> dict[str, int]:
         return flops.count(ModelConfig(**QWEN_SHAPE, head_dim=64), args.batch, args.seq, recompute=recompute,
                            lora={"r": 8, "target_modules": ["q_proj", "v_proj"]}).train_step_hardware
 
-    return {"ours": step(args.grad_checkpoint), "reference": step(False)}
+    return {"ours": step(args.grad_checkpoint), "ours-nf4": step(args.grad_checkpoint), "reference": step(False)}
 
 
 def run_alternating(args, device, sides: list[str]) -> tuple[dict, dict]:
@@ -190,6 +195,11 @@ def report(args, record: dict, flops_of: dict, times: dict, peaks: dict, peak: f
         record["ratios"] = {"speed": r["median_s"] / o["median_s"], "memory": o["peak_memory_bytes"] / r["peak_memory_bytes"]}
         print(f"\nours / reference: {record['ratios']['speed']:.2f}x the tokens/s, "
               f"{record['ratios']['memory']:.2f}x the peak memory")
+    if args.quantize:
+        o, q = record["sides"]["ours"], record["sides"]["ours-nf4"]
+        record["nf4_vs_ours"] = {"time": q["median_s"] / o["median_s"], "memory": q["peak_memory_bytes"] / o["peak_memory_bytes"]}
+        print(f"NF4 / {args.dtype}: {record['nf4_vs_ours']['time']:.2f}x the step time, "
+              f"{record['nf4_vs_ours']['memory']:.2f}x the peak memory")
 
 
 def main():
@@ -204,12 +214,14 @@ def main():
           + (f", GLIBC_TUNABLES={info['glibc_tunables']} (both sides)" if info["glibc_tunables"] else ""))
     print(f"measured matmul peak {peak_before / 1e9:.1f} GFLOP/s; one step = {flops_of['ours'] / 1e12:.3f} TFLOP "
           f"(flops.py, hardware)")
-    times, peaks = run_alternating(args, device, ["ours"] + (["reference"] if args.reference else []))
+    sides = ["ours"] + (["ours-nf4"] if args.quantize else []) + (["reference"] if args.reference else [])
+    times, peaks = run_alternating(args, device, sides)
     # a shared virtual machine's speed drifts: the ceiling is the best of a measurement before and after
     peak_after = matmul_peak(dtype, device, size=peak_size)
     peak = max(peak_before, peak_after)
     print(f"measured matmul peak after the steps {peak_after / 1e9:.1f} GFLOP/s; using {peak / 1e9:.1f}")
     record = {"bench": "train_step", "machine": info, "device": str(device), "dtype": args.dtype, "batch": args.batch,
+              "quantize": args.quantize,
               "grad_checkpoint": args.grad_checkpoint, "compile": args.compile, "reuse_memory": not args.no_reuse_memory,
               "seq": args.seq, "step_flops_hardware": flops_of["ours"], "matmul_peak_flops": peak,
               "matmul_peak_flops_before_after": [peak_before, peak_after], "sides": {}}

@@ -21,8 +21,10 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="folder for the merged checkpoint")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the written weights (the merge itself is computed in fp32)")
+    p.add_argument("--quantize", default=None, choices=["nf4"],
+                   help="the adapter was trained on an NF4 base (QLoRA): merge into its dequantized weights, write bf16")
     args = p.parse_args(argv)
-    model, tok = load_pretrained(args.model, dtype=parse_dtype(args.dtype))
+    model, tok = load_pretrained(args.model, dtype=parse_dtype(args.dtype), quantize=args.quantize)
     load_adapter(model, args.adapter)
     merge_and_export(model, args.out, tok)
     print(f"wrote {args.out}: {args.model} with {args.adapter} merged in")

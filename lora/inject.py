@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import nn
 
 from common import UserError
+from model.nf4 import NF4Weight
 from model.transformer import Transformer
 
 from .layer import LoRALinear
@@ -79,7 +81,9 @@ def unmerge(model: nn.Module) -> None:
 
 def merge_and_export(model: Transformer, path: str | os.PathLike, tokenizer=None) -> None:
     """Write a plain HF checkpoint with the adapters folded into the weights, without touching the
-    model itself. transformers and `model.load_model` both load it without any LoRA code."""
+    model itself. transformers and `model.load_model` both load it without any LoRA code. A QLoRA
+    model (NF4 base) is merged into its dequantized weights and written in bf16: merging into the
+    4-bit weights would quantize W + BA again and round most of the update away."""
     from model import load_tokenizer, save_pretrained
 
     if tokenizer is None:
@@ -89,4 +93,6 @@ def merge_and_export(model: Transformer, path: str | os.PathLike, tokenizer=None
                             "unknown; pass tokenizer=... (a model.Tokenizer) to write one beside the weights")
         tokenizer = load_tokenizer(source)
     overrides = {f"{name}.weight": m.merged_weight() for name, m in lora_modules(model).items() if not m.merged}
-    save_pretrained(model, path, tokenizer, overrides=overrides)
+    quantized = any(m.quantized for m in lora_modules(model).values()) or \
+        any(isinstance(m, NF4Weight) for m in model.modules())
+    save_pretrained(model, path, tokenizer, overrides=overrides, dtype=torch.bfloat16 if quantized else None)

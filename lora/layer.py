@@ -9,6 +9,12 @@ storage dtype (bf16 halves memory); A and B are fp32 and see x cast to fp32, as 
 The base parameters stay *this* module's `weight` and `bias`, so their state-dict names do not change
 when LoRA is applied: `...q_proj.weight` is still `...q_proj.weight`, and the adapter's names are
 `...q_proj.lora_A.weight` / `...q_proj.lora_B.weight`, which are PEFT's once prefixed.
+
+QLoRA: the base may be an NF4Linear (model/nf4.py). Its `weight` is then an NF4Weight module, which
+computes x W^T with W dequantized on the fly; LoRA on top is unchanged. Merging into the 4-bit weight
+is refused: the merged W + BA would have to be quantized again, and since the update BA is mostly far
+smaller than a 4-bit step it would round away. Export merges into the dequantized weight instead
+(`merged_weight`, written in bf16).
 """
 
 from __future__ import annotations
@@ -19,13 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import UserError
+from model.nf4 import NF4Weight
+
 
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # frozen, shared with the checkpoint's name
+        self.weight = base.weight  # frozen, shared with the checkpoint's name (a tensor, or NF4Weight)
         self.bias = base.bias
+        self.quantized = isinstance(self.weight, NF4Weight)
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -40,7 +50,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # (..., out) in the base dtype
+        y = self.weight(x, self.bias) if self.quantized else F.linear(x, self.weight, self.bias)  # (..., out)
         if self.merged:
             return y
         xa = self.dropout(x.to(self.lora_A.weight.dtype))
@@ -53,13 +63,19 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """W + scaling * B A, added in fp32 and rounded once (adding in bf16 would lose small updates)."""
+        """W + scaling * B A, added in fp32 and rounded once (adding in bf16 would lose small updates);
+        for an NF4 base, the dequantized W, and the result in bf16."""
+        if self.quantized:
+            return (self.weight.dequantize(torch.float32) + self.delta_weight()).to(torch.bfloat16)
         return (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into W for adapter-free inference speed. The original W is kept aside, so
         `unmerge` restores it bit for bit (subtracting again would not, after rounding to bf16)."""
+        if self.quantized:
+            raise UserError("cannot merge LoRA into 4-bit NF4 weights: re-quantizing W + BA would round the update "
+                            "away; export instead (python -m lora.export), which merges into the dequantized weights")
         if not self.merged:
             self._original_weight = self.weight.detach().clone()
             self.weight.copy_(self.merged_weight())

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from common import UserError, atomic_path, read_json, write_json
 
 from .config import ModelConfig
+from .nf4 import NF4Weight, quantize_projections
 from .tokenizer import Tokenizer
 from .transformer import Transformer
 
@@ -126,19 +127,32 @@ def _read_into(f, param: torch.Tensor, info: dict, data_start: int) -> None:
 
 # ------------------------------------------------------------------------------------------ loading
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> Transformer:
-    """Build the model from a checkpoint folder or hub id; strict about every tensor's name and shape."""
+               device: str | torch.device = "cpu", quantize: str | None = None) -> Transformer:
+    """Build the model from a checkpoint folder or hub id; strict about every tensor's name and shape.
+
+    `quantize="nf4"` stores the seven projections of every block in 4-bit NF4 (model/nf4.py), each
+    quantized as it is read, so the full-precision weights never exist in memory all at once;
+    embeddings, norms and biases stay in `dtype`.
+    """
+    if quantize not in (None, "nf4"):
+        raise UserError(f"unknown quantization {quantize!r}; the one supported is nf4")
     if str(name_or_path) == "tiny":
         from .tiny import tiny_model
 
-        return tiny_model(dtype=dtype, device=device)
+        model = tiny_model(dtype=dtype, device=device)
+        if quantize:
+            quantize_projections(model)
+        return model
     path = resolve(name_or_path)
     config = load_config(path)
     with torch.device("meta"):
-        model = Transformer(config)
-    model = model.to(dtype).to_empty(device=device)
+        model = Transformer(config).to(dtype)  # cast first: NF4's fp32 statistics must stay fp32
+        if quantize:
+            quantize_projections(model)
+    model = model.to_empty(device=device)
     model.tie_weights()
     params = dict(model.named_parameters())  # shared Parameters appear once: no lm_head when tied
+    params.update((name, m) for name, m in model.named_modules() if isinstance(m, NF4Weight))
     seen, unexpected = set(), []
     with torch.no_grad():
         for file in weight_files(path):
@@ -152,7 +166,12 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
                     if tuple(info["shape"]) != tuple(params[name].shape):
                         raise UserError(f"{file.name}: tensor {name} has shape {tuple(info['shape'])}, "
                                         f"but config.json implies {tuple(params[name].shape)}")
-                    _read_into(f, params[name], info, data_start)
+                    if isinstance(params[name], NF4Weight):  # read one full-precision tensor, keep 4 bits
+                        full = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+                        _read_into(f, full, info, data_start)
+                        params[name].set(full)
+                    else:
+                        _read_into(f, params[name], info, data_start)
                     seen.add(name)
     missing = [n for n in params if n not in seen]
     if missing:
@@ -174,8 +193,8 @@ def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> Tokenizer
 
 
 def load_pretrained(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:
-    return load_model(name_or_path, dtype, device), load_tokenizer(name_or_path)
+                    device: str | torch.device = "cpu", quantize: str | None = None) -> tuple[Transformer, Tokenizer]:
+    return load_model(name_or_path, dtype, device, quantize), load_tokenizer(name_or_path)
 
 
 # ------------------------------------------------------------------------------------------- saving
@@ -185,19 +204,24 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def save_pretrained(model: Transformer, path: str | os.PathLike, tokenizer: Tokenizer | None = None,
-                    max_shard_bytes: int | None = None, overrides: dict[str, torch.Tensor] | None = None) -> None:
+                    max_shard_bytes: int | None = None, overrides: dict[str, torch.Tensor] | None = None,
+                    dtype: torch.dtype | None = None) -> None:
     """Write an HF-layout checkpoint (config.json, safetensors, tokenizer) that transformers reads too.
 
     `overrides` replaces named tensors on the way out (LoRA export writes merged weights this way).
     Saving into a folder that already holds a checkpoint replaces it: weight files of the earlier
     save (a single file or shards, and their index) are removed once the new ones are written.
+    NF4 weights are written dequantized, in `dtype` (every tensor is cast to it when given, else bf16).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     # tied lm_head appears once; LoRA matrices are not part of a base checkpoint (merge them first)
     overrides = overrides or {}
-    tensors = {n: overrides.get(n, p).detach().contiguous().cpu() for n, p in model.named_parameters()
-               if ".lora_" not in n}
+    tensors = {n: overrides.get(n, p).detach() for n, p in model.named_parameters() if ".lora_" not in n}
+    for name, m in model.named_modules():
+        if isinstance(m, NF4Weight):
+            tensors[name] = overrides.get(name, m.dequantize(dtype or torch.bfloat16))
+    tensors = {n: (t.to(dtype) if dtype else t).contiguous().cpu() for n, t in tensors.items()}
     write_json(path / "config.json", {**model.config.to_hf(), "torch_dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch.")})
     shards, current, size = [], {}, 0
     for name, t in tensors.items():

@@ -8,6 +8,26 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
+
+
+def _import_bitsandbytes_eagerly() -> None:
+    """bitsandbytes (test-only: the NF4 oracle; peft imports it too) wraps its CPU kernels in torch.compile
+    when first imported. Import it once with TORCHDYNAMO_DISABLE=1 so they run eagerly (no compilation per
+    shape), then restore the variable, so the --compile tests still compile."""
+    previous = os.environ.get("TORCHDYNAMO_DISABLE")
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if previous is None:
+            del os.environ["TORCHDYNAMO_DISABLE"]
+        else:
+            os.environ["TORCHDYNAMO_DISABLE"] = previous
+
+
+_import_bitsandbytes_eagerly()
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 SHARED = ROOT.parent / "shared"

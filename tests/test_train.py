@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -355,25 +356,41 @@ def test_compile_without_a_compiler_is_one_clear_error(tmp_path, monkeypatch):
         run(tmp_path, "--steps", "1", "--compile", "--device", "cpu")
 
 
+RSS_PROBE = r"""
+import ctypes, os, sys
+from common import reuse_freed_memory
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+took_effect = reuse_freed_memory()
+size = 64 << 20  # above glibc's default 32 MB mmap threshold
+p = libc.malloc(size)
+ctypes.memset(p, 1, size)
+touched = rss()
+libc.free(ctypes.c_void_p(p))
+print(int(took_effect), touched - rss())
+"""
+
+
 def test_reuse_freed_memory_takes_effect_on_glibc_and_respects_user_tunables(monkeypatch):
+    """In a fresh process: a freed 64 MB block stays resident for reuse; glibc's default (or the user's
+    own malloc tunables, which are left alone) hands it back to the OS."""
     import platform
-    import sys
 
     from common import reuse_freed_memory
 
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=4194304")
     assert reuse_freed_memory() is False  # the user's allocator settings win
-    monkeypatch.delenv("GLIBC_TUNABLES")
-    on_glibc = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
-    assert reuse_freed_memory() is on_glibc
-    if not on_glibc:
+    if not (sys.platform == "linux" and platform.libc_ver()[0] == "glibc"):
+        monkeypatch.delenv("GLIBC_TUNABLES")
+        assert reuse_freed_memory() is False  # not glibc: nothing to do
         return
-    import psutil
-
-    rss = psutil.Process().memory_info().rss
-    x = torch.ones(64 << 20, dtype=torch.uint8)  # a block above glibc's default 32 MB mmap threshold
-    touched = psutil.Process().memory_info().rss
-    del x
-    kept = psutil.Process().memory_info().rss
-    assert touched - rss > 48 << 20  # the block was really faulted in
-    assert kept > touched - (16 << 20)  # freed, but kept resident for reuse instead of unmapped
+    released = {}
+    for tunables in (None, "glibc.malloc.mmap_threshold=4194304"):
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | ({"GLIBC_TUNABLES": tunables} if tunables else {})
+        out = subprocess.run([sys.executable, "-c", RSS_PROBE], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+        took_effect, released[tunables] = map(int, out.stdout.split())
+        assert took_effect == (tunables is None)
+    assert released[None] < 8 << 20  # kept: at most a few pages went back
+    assert released["glibc.malloc.mmap_threshold=4194304"] > 56 << 20  # unmapped at once
