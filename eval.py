@@ -298,6 +298,9 @@ def load_variants(args, runs: dict, base_model, fitted: Scaler) -> list[tuple]:
             scaler, decimals = fitted, args.decimals
         else:
             scaler, decimals = Scaler.from_dict(run_cfg["scaler"]), int(run_cfg["args"]["decimals"])
+            if run_cfg["args"].get("quantize") != args.quantize:
+                print(f"note: {adapter} was trained on a base with quantize={run_cfg['args'].get('quantize')}, "
+                      f"evaluated here with --quantize {args.quantize}", file=sys.stderr)
         variants.append((adapter, model, scaler, decimals))
     return variants
 

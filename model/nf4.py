@@ -39,6 +39,8 @@ NF4_CODE = torch.tensor([
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 ], dtype=torch.float32)
+# every byte's two values, high nibble first: one lookup per byte instead of a shift, a mask and two lookups
+NF4_PAIRS = torch.stack([NF4_CODE[torch.arange(256) >> 4], NF4_CODE[torch.arange(256) & 0xF]], dim=1)  # (256, 2)
 ABSMAX_BLOCK = 256  # blocks of absmax values per fp32 scale in double quantization
 LUT_SIZE = 65536  # bitsandbytes' CPU rounding table for 8-bit codes
 
@@ -74,12 +76,14 @@ def _scale_by_block(flat: torch.Tensor, absmax: torch.Tensor, block: int, divide
     return scaled.clamp_(-1, 1)
 
 
-def _unscale_by_block(values: torch.Tensor, absmax: torch.Tensor, block: int) -> torch.Tensor:
-    """values (n,) times their block's absmax."""
+def _unscale_by_block_(values: torch.Tensor, absmax: torch.Tensor, block: int) -> torch.Tensor:
+    """values (n,) times their block's absmax, in place."""
     n = values.numel()
     full = n - n % block
-    out = (values[:full].view(-1, block) * absmax[: full // block, None]).reshape(-1)
-    return torch.cat([out, values[full:] * absmax[-1]]) if full < n else out
+    values[:full].view(-1, block).mul_(absmax[: full // block, None])
+    if full < n:
+        values[full:].mul_(absmax[-1])
+    return values
 
 
 def quantize_blockwise_8bit(x: torch.Tensor, block: int = ABSMAX_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,13 +118,13 @@ class NF4Tensor:
         if self.absmax_scale is None:
             return self.absmax
         code = dynamic_map_8bit().to(self.absmax.device)
-        return _unscale_by_block(code[self.absmax.long()], self.absmax_scale, ABSMAX_BLOCK) + self.absmax_offset
+        return _unscale_by_block_(code[self.absmax.long()], self.absmax_scale, ABSMAX_BLOCK) + self.absmax_offset
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n = math.prod(self.shape)
-        codes = torch.stack([self.packed >> 4, self.packed & 0xF], dim=1).reshape(-1)[:n]  # (n,)
-        values = NF4_CODE.to(self.packed.device)[codes.long()]  # in [-1, 1], fp32
-        return _unscale_by_block(values, self.block_absmax(), self.block_size).view(self.shape).to(dtype)
+        pairs = NF4_PAIRS.to(self.packed.device)
+        values = torch.index_select(pairs, 0, self.packed.int()).view(-1)[:n]  # (n,) in [-1, 1], fp32, fresh
+        return _unscale_by_block_(values, self.block_absmax(), self.block_size).view(self.shape).to(dtype)
 
     @property
     def nbytes(self) -> int:
