@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import flops
 import lora
 from common import UserError, parse_device, parse_dtype, read_json, run_cli, write_json
 from data import Scaler, decode, forecast_task, load_trajectories, make_windows, split_indices, trajectory_texts
@@ -104,8 +105,11 @@ def stop_after(horizon: int, separator_id: int):
 
 
 def generate_forecasts(model, tok, prompts: list[str], horizon: int, decimals: int, samples: int = 1,
-                       temperature: float = 0.0, batch_size: int = 16, seed: int = 0, progress: bool = False) -> list[list[str]]:
-    """Continuations per prompt (`samples` of each), batched with left padding and a KV cache."""
+                       temperature: float = 0.0, batch_size: int = 16, seed: int = 0, progress: bool = False,
+                       flops_used: dict | None = None) -> list[list[str]]:
+    """Continuations per prompt (`samples` of each), batched with left padding and a KV cache.
+    `flops_used` ({"coursework", "hardware"}), if given, has the generation's FLOPs added to it, and under
+    "passes" the [batch, padded prompt length, decode steps] of each generate call (flops.generation's inputs)."""
     device = next(model.parameters()).device
     allowed = allowed_token_ids(tok)
     sep = tok.token_to_id(";")
@@ -118,9 +122,16 @@ def generate_forecasts(model, tok, prompts: list[str], horizon: int, decimals: i
     bar = tqdm(total=len(requests), desc="forecast", disable=not progress, file=sys.stderr)
     for s in range(0, len(requests), batch_size):
         chunk = encoded[s : s + batch_size]
+        stats = {}
         new = generate(model, chunk, max_new, temperature=temperature, eos_ids=tok.eos_ids,
                        vocab_limit=tok.vocab_size, allowed_ids=allowed, stop=stop_after(horizon, sep),
-                       generator=gen, pad_id=tok.pad_id)
+                       generator=gen, pad_id=tok.pad_id, stats=stats)
+        if flops_used is not None:
+            cost = flops.generation(model.config, stats["batch"], stats["prompt_len"], stats["decode_steps"],
+                                    getattr(model, "lora_config", None))
+            for key in ("coursework", "hardware"):
+                flops_used[key] = flops_used.get(key, 0) + cost[key]
+            flops_used.setdefault("passes", []).append([stats["batch"], stats["prompt_len"], stats["decode_steps"]])
         for (i, _), ids in zip(requests[s : s + batch_size], new):
             texts[i].append(tok.decode(ids, skip_special_tokens=True))
         bar.update(len(chunk))

@@ -164,10 +164,20 @@ class Shapes:
     trainable: str  # "lora" | "full" | "none"
     qkv_bias: bool
     o_bias: bool
+    keys: int = 0  # keys each query attends over (a KV cache's length); 0: the T new tokens themselves
+    head_rows: int = 0  # rows that go through lm_head; 0: all N (generation needs only each row's last)
 
     @property
     def N(self) -> int:
         return self.B * self.T
+
+    @property
+    def S(self) -> int:
+        return self.keys or self.T
+
+    @property
+    def R(self) -> int:
+        return self.head_rows or self.N
 
     @property
     def projections(self) -> tuple[tuple[str, int, int, bool], ...]:
@@ -178,7 +188,8 @@ class Shapes:
                 ("down_proj", I, D, False))
 
 
-def shapes_of(config, batch: int, seq: int, lora: dict | None, trainable: str | None) -> Shapes:
+def shapes_of(config, batch: int, seq: int, lora: dict | None, trainable: str | None, keys: int = 0,
+              head_rows: int = 0) -> Shapes:
     """`config` is a ModelConfig or a model (then its LoRA settings and trainable parameters are used)."""
     from lora.inject import parse_targets
 
@@ -191,19 +202,20 @@ def shapes_of(config, batch: int, seq: int, lora: dict | None, trainable: str | 
     return Shapes(B=batch, T=seq, D=c.hidden_size, H=c.num_attention_heads, K=c.num_key_value_heads, hd=c.head_dim,
                   I=c.intermediate_size, V=c.vocab_size, L=c.num_hidden_layers, r=lora["r"] if lora else 0,
                   targets=frozenset(parse_targets(lora["target_modules"])) if lora else frozenset(),
-                  trainable=trainable or ("lora" if lora else "full"), qkv_bias=c.attention_bias, o_bias=c.o_proj_bias)
+                  trainable=trainable or ("lora" if lora else "full"), qkv_bias=c.attention_bias, o_bias=c.o_proj_bias,
+                  keys=keys, head_rows=head_rows)
 
 
 def coursework_forward(s: Shapes) -> dict[str, int]:
     """One forward pass in the coursework convention, one line per row of the table at the top."""
-    N, B, T, D, H, K, hd, I, r = s.N, s.B, s.T, s.D, s.H, s.K, s.hd, s.I, s.r  # noqa: E741
+    N, B, T, S, D, H, K, hd, I, r = s.N, s.B, s.T, s.S, s.D, s.H, s.K, s.hd, s.I, s.r  # noqa: E741
     adapted = [(d_in, d_out) for name, d_in, d_out, _ in s.projections if name in s.targets]
     per_layer = {
         **{name: matmul_cw(N, d_in, d_out) + (N * d_out if bias else 0) for name, d_in, d_out, bias in s.projections},
         "rope": int(3.5 * N * (H + K) * hd),  # rotating q and k
-        "attention_scores": B * H * (matmul_cw(T, hd, T) + T * T),  # q k^T per head, then the 1/sqrt(hd) scale
-        "softmax": softmax_cw(B * H * T, T),
-        "attention_v": B * H * matmul_cw(T, T, hd),  # probs @ v per head
+        "attention_scores": B * H * (matmul_cw(T, hd, S) + T * S),  # q k^T per head, then the 1/sqrt(hd) scale
+        "softmax": softmax_cw(B * H * T, S),
+        "attention_v": B * H * matmul_cw(T, S, hd),  # probs @ v per head
         "silu": 13 * N * I,
         "gating_product": N * I,
         "rmsnorm": 2 * rmsnorm_cw(N, D),  # before attention and before the MLP
@@ -214,7 +226,7 @@ def coursework_forward(s: Shapes) -> dict[str, int]:
     ops = {name: s.L * flops for name, flops in per_layer.items()}
     ops["rope"] += B * T * hd // 2 + 2 * 10 * B * T * hd  # angles, cos and sin: once per forward
     ops["final_norm"] = rmsnorm_cw(N, D)
-    ops["lm_head"] = matmul_cw(N, D, s.V)
+    ops["lm_head"] = matmul_cw(s.R, D, s.V)
     return ops
 
 
@@ -242,7 +254,7 @@ def hardware_passes(s: Shapes) -> tuple[dict[str, int], dict[str, int]]:
             bwd["lora_B"] = bwd.get("lora_B", 0) + (4 * N * r * d_out if adapted else 0)
         return x_grad or full or adapted
 
-    attn = 2 * B * H * T * T * hd  # q k^T and probs @ v, each over the full T x T square
+    attn = 2 * B * H * T * s.S * hd  # q k^T and probs @ v, each over the full T x S rectangle
     grad = full  # does the residual stream entering layer 0 require grad?
     for _ in range(s.L):
         q, k, v = (linear(name, d_in, d_out, grad) for name, d_in, d_out, _ in s.projections[:3])
@@ -253,8 +265,8 @@ def hardware_passes(s: Shapes) -> tuple[dict[str, int], dict[str, int]]:
         grad = linear("o_proj", H * hd, D, q or k or v) or grad
         gate, up = (linear(name, d_in, d_out, grad) for name, d_in, d_out, _ in s.projections[4:6])
         grad = linear("down_proj", s.I, D, gate or up) or grad
-    fwd["lm_head"] = 2 * N * D * s.V
-    bwd["lm_head"] = 2 * N * D * s.V * (grad + full)
+    fwd["lm_head"] = 2 * s.R * D * s.V
+    bwd["lm_head"] = 2 * s.R * D * s.V * (grad + full)
     return fwd, bwd
 
 
@@ -275,16 +287,17 @@ CATEGORY = {"attention_scores": "attention", "attention_v": "attention", "lm_hea
 
 
 def count(config, batch: int, seq: int, lora: dict | None = None, trainable: str | None = None,
-          recompute: bool = False) -> Report:
+          recompute: bool = False, keys: int = 0, head_rows: int = 0) -> Report:
     """FLOPs of one forward pass (and its backward) at batch x seq tokens, in both conventions.
 
     `config` is a ModelConfig or a model (then its LoRA settings and trainable parameters are used).
     `lora` is {"r": rank, "target_modules": [...]}; `trainable` is "lora" (base frozen, the default
     with LoRA), "full" (every parameter trains, the default without) or "none" (inference only).
-    `recompute`: activation checkpointing per block, as `model.grad_checkpoint` does it.
+    `recompute`: activation checkpointing per block, as `model.grad_checkpoint` does it. `keys` and
+    `head_rows` describe a pass with a KV cache (see `generation`).
     """
     model_config = config.config if hasattr(config, "config") else config
-    s = shapes_of(config, batch, seq, lora, trainable)
+    s = shapes_of(config, batch, seq, lora, trainable, keys, head_rows)
     cw, (fwd, bwd) = coursework_forward(s), hardware_passes(s)
     rep = Report(config=model_config.to_dict(), batch=batch, seq=seq)
     for name in OP_ORDER:
@@ -300,6 +313,18 @@ def count(config, batch: int, seq: int, lora: dict | None = None, trainable: str
     if recompute:
         rep.recompute_hardware = recompute_hardware(s, fwd)
     return rep
+
+
+def generation(config, batch: int, prompt_len: int, decode_steps: int, lora: dict | None = None) -> dict:
+    """FLOPs of `model.generate` on a batch: a prefill over the (left-padded) prompt, then `decode_steps`
+    forward passes of one token each over the growing KV cache. Each pass sends only the last position
+    of every row through lm_head. Padding positions cost as much as text (they are computed), and the
+    sampling itself (a softmax over the vocabulary per new token) is not counted.
+    Returns {"coursework", "hardware"} for the whole generation."""
+    passes = [count(config, batch, prompt_len, lora, trainable="none", head_rows=batch)]
+    passes += [count(config, batch, 1, lora, trainable="none", keys=prompt_len + i + 1, head_rows=batch)
+               for i in range(decode_steps)]
+    return {"coursework": sum(p.forward_coursework for p in passes), "hardware": sum(p.forward_hardware for p in passes)}
 
 
 def parameter_count(c) -> int:

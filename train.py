@@ -358,6 +358,11 @@ class Run:
         return step % self.args.eval_every == 0 or step == self.args.steps
 
 
+def weights_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype: auto is bf16 on CUDA (with autocast), fp32 elsewhere."""
+    return parse_dtype(name) if name != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def setup(args, saved: dict | None) -> Run:
     """Model, LoRA, data, optimizer and FLOP costs; on --resume, the newest checkpoint restored."""
     check_args(args)
@@ -367,7 +372,7 @@ def setup(args, saved: dict | None) -> Run:
     device = parse_device(args.device)
     if args.compile:
         check_compiler(device)
-    dtype = parse_dtype(args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = weights_dtype(args.dtype, device)
     use_autocast = device.type == "cuda" and dtype == torch.bfloat16
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
 

@@ -55,11 +55,12 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
              eos_ids: Sequence[int] = (), vocab_limit: int | None = None,
              allowed_ids: Sequence[int] | None = None, stop: Callable[[list[int]], bool] | None = None,
              generator: torch.Generator | None = None, pad_id: int = 0,
-             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+             on_token: Callable[[int, int], None] | None = None, stats: dict | None = None) -> list[list[int]]:
     """Continue each prompt; returns the new tokens per prompt (end tokens not included).
 
     A row stops at any of `eos_ids`, when `stop(new_tokens)` says so, or after `max_new_tokens`.
-    `on_token(row, token)` is called as tokens arrive (for streaming).
+    `on_token(row, token)` is called as tokens arrive (for streaming). `stats`, if given, receives the
+    work done: {"batch", "prompt_len" (padded), "decode_steps"} (what flops.generation counts).
     """
     device = next(model.parameters()).device
     dtype = model.model.embed_tokens.weight.dtype
@@ -79,6 +80,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     logits = model(ids, pad_mask=None if pad_mask.all() else pad_mask, cache=cache, last_only=True)[:, -1]
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    if stats is not None:
+        stats.update(batch=B, prompt_len=T, decode_steps=0)
     for step in range(max_new_tokens):
         logits = process_logits(logits, temperature, top_k, top_p, vocab_limit, allowed)
         token = sample_next(logits, temperature, generator)  # (B,)
@@ -93,4 +96,6 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         logits = model(token[:, None], cache=cache, last_only=True)[:, -1]  # (B, V)
+        if stats is not None:
+            stats["decode_steps"] += 1
     return out

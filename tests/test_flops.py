@@ -133,3 +133,24 @@ def test_lora_and_optimizer_terms_by_hand():
     plain = flops.count(cfg, batch=1, seq=3, trainable="none")
     assert rep.forward_coursework == plain.forward_coursework + 84 + 90
     assert rep.train_step_coursework == 3 * (rep.forward_coursework + rep.loss_coursework) + 784
+
+
+@pytest.mark.parametrize("targets", [None, "q_proj,v_proj"])
+def test_generation_flops_equal_flop_counter(targets):
+    """Prefill over a left-padded batch, then one-token steps over the growing cache: counted exactly."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model import generate
+
+    model = tiny_model()
+    if targets:
+        lora.apply_lora(model, rank=4, targets=targets, verbose=False)
+    model.set_attention("matmul")  # CPU SDPA is invisible to the counter
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    stats = {}
+    with FlopCounterMode(display=False) as counter:
+        generate(model, prompts, 6, stats=stats)
+    assert stats == {"batch": 2, "prompt_len": 7, "decode_steps": 5}  # the 6th token needs no forward pass
+    ours = flops.generation(model, stats["batch"], stats["prompt_len"], stats["decode_steps"])
+    assert ours["hardware"] == counter.get_total_flops()
+    assert ours["coursework"] > ours["hardware"] / 2
