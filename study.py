@@ -92,7 +92,10 @@ def grid_runs(args) -> list[dict]:
 
 
 def train_argv(args, run: dict, folder: Path) -> list[str]:
-    """train.py's command line for a run: the study's model and data, --, the run's own flags."""
+    """train.py's command line for a run: the flags after `--` first, then the study's model and data,
+    then the run's own flags (later flags win, so a grid or context value is never overridden). Grid
+    values are split at commas, so a flag whose value holds commas (--targets q_proj,v_proj) cannot be
+    varied this way; set it after `--` instead."""
     given = {x.lstrip("-").replace("-", "_") for x in args.passthrough if x.startswith("--")}
     flags = {"model": args.model, **({"data": args.data} if args.data else {}),
              **({} if "eval_every" in given else {"eval_every": max(1, run["steps"] // 4)}), **run["flags"]}

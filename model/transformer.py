@@ -169,9 +169,10 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, I) each
-        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-            return self.down_proj(SwiGLUWithoutStoredSilu.apply(gate, up))  # the same, one (B, T, I) less kept
-        return self.down_proj(F.silu(gate) * up)  # (B, T, D)
+        if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
+            return self.down_proj(F.silu(gate) * up)  # the definition: (B, T, D)
+        # training: the same values and gradients, one (B, T, I) activation fewer kept for the backward
+        return self.down_proj(SwiGLUWithoutStoredSilu.apply(gate, up))  # (B, T, D)
 
 
 class SwiGLUWithoutStoredSilu(torch.autograd.Function):
