@@ -109,14 +109,10 @@ def projected_flops(args, run: dict) -> dict:
     model, tok = projection_model(args.model)
     windows, info = prepared_data(targs, tok)
     cfg = {"r": int(targs.rank), "target_modules": targs.targets}
-    per_micro = flops.count(model, targs.batch_size, targs.context_length, lora=cfg, trainable="lora")
-    step = targs.grad_accum * (per_micro.forward_coursework + per_micro.loss_coursework
-                               + per_micro.backward_coursework) + per_micro.optimizer_coursework
-    n_eval = train.eval_windows_count(windows["val"], targs.batch_size, targs.eval_batches)
-    evals = sum(1 for s in range(1, run["steps"] + 1) if s % targs.eval_every == 0 or s == run["steps"])
-    forecast = forecast_estimate(args, model, cfg, info["tokens_per_step"])
-    return {"train": run["steps"] * step, "validation": evals * n_eval * per_micro.eval_coursework,
-            "forecast": forecast}
+    costs = train.step_costs(model, targs, windows["val"], lora=cfg)
+    evals = sum(train.eval_due(step, targs) for step in range(1, run["steps"] + 1))
+    return {"train": run["steps"] * costs["train_step"], "validation": evals * costs["eval"],
+            "forecast": forecast_estimate(args, model, cfg, info["tokens_per_step"])}
 
 
 def forecast_estimate(args, config, lora_cfg, step_tokens: int) -> int:

@@ -321,6 +321,11 @@ def evaluate(model, windows, batch_size: int, n_batches: int, autocast, chunk: i
     return mean_loss(model, windows.input_ids[:n], windows.real[:n], batch_size, chunk, autocast)
 
 
+def eval_due(step: int, args) -> bool:
+    """A validation pass follows every --eval-every steps and the last step."""
+    return step % args.eval_every == 0 or step == args.steps
+
+
 def eval_windows_count(windows, batch_size: int, n_batches: int) -> int:
     return math.ceil(min(len(windows), n_batches * batch_size) / batch_size)
 
@@ -355,7 +360,7 @@ class Run:
         return self.start.time + time.perf_counter() - self.t0
 
     def eval_due(self, step: int) -> bool:
-        return step % self.args.eval_every == 0 or step == self.args.steps
+        return eval_due(step, self.args)
 
 
 def weights_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -408,9 +413,11 @@ def setup(args, saved: dict | None) -> Run:
                costs, state, start=state)
 
 
-def step_costs(model, args, val_windows) -> dict:
-    """FLOPs of one optimizer step and of one validation pass (flops.py), in both conventions."""
-    per_micro = flops.count(model, args.batch_size, args.context_length, recompute=args.grad_checkpoint)
+def step_costs(model, args, val_windows, lora: dict | None = None) -> dict:
+    """FLOPs of one optimizer step and of one validation pass (flops.py), in both conventions.
+    `model` may be a bare config with `lora` given (study.py plans runs without loading weights)."""
+    per_micro = flops.count(model, args.batch_size, args.context_length, lora=lora,
+                            trainable="lora" if lora else None, recompute=args.grad_checkpoint)
     n_eval = eval_windows_count(val_windows, args.batch_size, args.eval_batches)
     return {"train_step": args.grad_accum * (per_micro.forward_coursework + per_micro.loss_coursework
                                              + per_micro.backward_coursework) + per_micro.optimizer_coursework,

@@ -93,6 +93,5 @@ def merge_and_export(model: Transformer, path: str | os.PathLike, tokenizer=None
                             "unknown; pass tokenizer=... (a model.Tokenizer) to write one beside the weights")
         tokenizer = load_tokenizer(source)
     overrides = {f"{name}.weight": m.merged_weight() for name, m in lora_modules(model).items() if not m.merged}
-    quantized = any(m.quantized for m in lora_modules(model).values()) or \
-        any(isinstance(m, NF4Weight) for m in model.modules())
+    quantized = any(isinstance(m, NF4Weight) for m in model.modules())  # LoRA-wrapped ones included
     save_pretrained(model, path, tokenizer, overrides=overrides, dtype=torch.bfloat16 if quantized else None)
