@@ -159,7 +159,7 @@ def text_loss(model, tok, values: np.ndarray, scaler: Scaler, decimals: int, con
     """Teacher-forced loss per token (and perplexity) on the systems' full LLMTIME text."""
     texts = trajectory_texts(values, scaler, decimals)
     windows = make_windows(tok.encode_batch(texts), context_length, max(1, context_length // 2), tok.pad_id)
-    loss = mean_loss(model, windows.input_ids, windows.real, batch_size)
+    loss = mean_loss(model, windows, batch_size)
     return {"loss": loss, "ppl": math.exp(min(loss, 700))}
 
 
@@ -172,6 +172,9 @@ def run_settings(adapter: str) -> tuple[Path, dict | None]:
     for candidate in (path / "config.json", path.parent / "config.json"):
         if candidate.is_file():
             cfg = read_json(candidate, what="run config")
+            if isinstance(cfg, dict) and "chat" in cfg:
+                raise UserError(f"{adapter} was trained on chat data ({cfg.get('args', {}).get('data')}), not on "
+                                f"forecasting text: talk to it with sample.py --chat --adapter {adapter}")
             if isinstance(cfg, dict) and "scaler" in cfg:
                 return path, cfg
     return path, None

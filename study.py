@@ -69,6 +69,9 @@ def parse_args(argv=None):
         raise UserError("step counts must be >= 0 and --eval-systems at least 1")
     if args.samples > 1 and args.temperature == 0:
         raise UserError("--samples > 1 needs --temperature > 0 (greedy samples would all be the same)")
+    if args.data and str(args.data).endswith(".jsonl"):
+        raise UserError("study.py is the forecasting study (its test phase scores forecasts); train on chat data "
+                        "with python train.py --data FILE.jsonl")
     return args
 
 
@@ -130,8 +133,8 @@ def prepared_data(targs, tok):
     """train.prepare_data, once per data setting (runs that differ only in lr or rank share it)."""
     key = tuple(getattr(targs, k) for k in ("model", "data", "systems", "data_seed", "context_length", "stride", "decimals"))
     if key not in _DATA:
-        windows, _, info = train.prepare_data(targs, tok)
-        _DATA[key] = (windows, info)
+        data = train.prepare_data(targs, tok)
+        _DATA[key] = ({"train": data.train, "val": data.val}, data.info)
     return _DATA[key]
 
 

@@ -1,8 +1,13 @@
-"""LoRA fine-tuning of Qwen2.5 on Lotka–Volterra trajectories written as LLMTIME text.
+"""LoRA fine-tuning of Qwen2.5 on Lotka–Volterra trajectories written as LLMTIME text, or on conversations.
 
     python train.py --rank 8 --lr 1e-4                 # Qwen2.5-0.5B-Instruct, simulated data, runs/lv
     python train.py --model tiny --steps 50 --out runs/tiny      # the whole loop offline, in seconds
     python train.py --resume runs/lv --steps 2000      # continue a run to 2,000 steps in total
+    python train.py --data chats.jsonl --targets all --pack --eval-prompts prompts.txt --out runs/chat
+
+`--data` picks the kind: an HDF5 file (or nothing: the simulator) is forecasting text (data/windows.py),
+a .jsonl file is chat or instruction data (data/chat.py). Both hand this loop the same thing, token
+windows with a loss mask (`data.TrainingData`), so everything below serves both.
 
 Each optimizer step accumulates `--grad-accum` micro-batches of `--batch-size` windows and averages
 the loss over every real target token in them (not the mean of micro-batch means). FLOPs are counted
@@ -41,7 +46,9 @@ import lora
 from checkpoints import latest_checkpoint, remove_partial, rewind_log, write_checkpoint
 from common import (UserError, deferred_interrupts, parse_device, parse_dtype, read_json, reuse_freed_memory,
                     run_cli, sigterm_as_interrupt, write_json)
-from data import Scaler, load_trajectories, make_windows, split_indices, trajectory_texts
+import eval_prompts
+from data import TrainingData, forecasting_data, load_trajectories
+from data.chat import chat_data
 from model import DEFAULT_MODEL, load_pretrained
 from model.loss import lm_loss_sum, mean_loss, target_mask
 from optim import AdamW, clip_grad_norm, lr_at
@@ -52,7 +59,14 @@ STATE_FILE = "trainer_state.pt"
 ON_OFF = {"action": argparse.BooleanOptionalAction}
 FLAGS = (  # (flag, default, help, argparse keywords). Every flag parses to None when not given.
     ("--model", DEFAULT_MODEL, "hub id, checkpoint folder, or 'tiny'", {}),
-    ("--data", None, "HDF5 file in the coursework layout (default: the built-in simulator)", {}),
+    ("--data", None, "HDF5 file in the coursework layout (default: the built-in simulator), or JSONL conversations", {}),
+    ("--val-data", None, "JSONL: conversations to validate on (default: hold out --val-fraction of --data)", {}),
+    ("--val-fraction", 0.1, "JSONL: share of the conversations held out for validation (seeded by --data-seed)", {"type": float}),
+    ("--train-on", "assistant", "JSONL: tokens the loss learns: every assistant turn, the last one, or all",
+     {"choices": ["assistant", "last", "all"]}),
+    ("--pack", False, "JSONL: several whole conversations per window, each attending only to itself", ON_OFF),
+    ("--eval-prompts", None, "file, one prompt per line: greedy answers before and after training in OUT/samples.md", {}),
+    ("--eval-max-tokens", 128, "new tokens per --eval-prompts answer", {"type": int}),
     ("--systems", None, "use only the first N systems of the dataset", {"type": int}),
     ("--data-seed", 0, "seed of the simulated data and of the train/val/test split", {"type": int}),
     ("--rank", 8, "LoRA rank", {"type": int}),
@@ -134,8 +148,8 @@ def read_run_config(out: Path) -> dict:
         raise UserError(f"no run to resume: {out} does not exist")
     saved = read_json(out / "config.json", what="run config (config.json)")
     if not (isinstance(saved, dict) and isinstance(saved.get("args"), dict)
-            and isinstance(saved.get("scaler"), dict) and "alpha" in saved["scaler"]):
-        raise UserError(f"{out / 'config.json'} is not a train.py run config (it needs 'args' and 'scaler'); "
+            and (isinstance(saved.get("scaler"), dict) and "alpha" in saved["scaler"] or isinstance(saved.get("chat"), dict))):
+        raise UserError(f"{out / 'config.json'} is not a train.py run config (it needs 'args', and 'scaler' or 'chat'); "
                         f"pass the folder of a training run to --resume")
     return saved
 
@@ -156,6 +170,11 @@ def check_args(args) -> None:
         (args.eval_batches >= 1, "--eval-batches must be at least 1"), (args.save_every >= 1, "--save-every must be at least 1"),
         (args.max_flops > 0, "--max-flops must be positive"), (args.loss_chunk >= 1, "--loss-chunk must be at least 1"),
         (args.systems is None or args.systems >= 3, "--systems must be at least 3 (train, validation, test)"),
+        (0 < args.val_fraction < 1, "--val-fraction must be in (0, 1)"),
+        (args.eval_max_tokens >= 1, "--eval-max-tokens must be at least 1"),
+        (is_chat(args) or (args.val_data is None and not args.pack and args.train_on == "assistant"),
+         "--val-data, --pack and --train-on apply to JSONL chat data (--data FILE.jsonl)"),
+        (args.val_data is None or str(args.val_data).endswith(".jsonl"), "--val-data must be a .jsonl file"),
     ]
     for ok, message in rules:
         if not ok:
@@ -200,26 +219,17 @@ class BatchOrder:
         return {"epoch": self.epoch, "index": self.index}
 
 
-def prepare_data(args, tok):
-    traj = load_trajectories(args.data, n=1000, seed=args.data_seed)
-    values = traj.values[: args.systems] if args.systems else traj.values
-    split = split_indices(len(values), seed=args.data_seed)
-    scaler = Scaler.fit(values[split["train"]])
-    stride = args.stride or max(1, args.context_length // 2)
-    step_tokens = len(tok.encode(trajectory_texts(values[:1, :1], scaler, args.decimals)[0] + ";"))
-    if args.context_length <= step_tokens:
-        raise UserError(f"--context-length {args.context_length} is shorter than one timestep "
-                        f"({step_tokens} tokens at {args.decimals} decimals); use at least {step_tokens + 1}")
-    windows = {}
-    for name in ("train", "val"):
-        texts = trajectory_texts(values[split[name]], scaler, args.decimals)
-        windows[name] = make_windows(tok.encode_batch(texts), args.context_length, stride, tok.pad_id)
-    if len(windows["train"]) == 0 or len(windows["val"]) == 0:
-        raise UserError("no training or validation windows: the dataset is too small for this context length")
-    info = {"source": traj.source, "systems": len(values), "timesteps": int(values.shape[1]),
-            "split_sizes": {k: int(len(v)) for k, v in split.items()}, "stride": stride,
-            "train_windows": len(windows["train"]), "val_windows": len(windows["val"]), "tokens_per_step": step_tokens}
-    return windows, scaler, info
+def is_chat(args) -> bool:
+    return args.data is not None and str(args.data).endswith(".jsonl")
+
+
+def prepare_data(args, tok) -> TrainingData:
+    """Training and validation windows of either kind of data, and what identifies them."""
+    if is_chat(args):
+        return chat_data(tok, args.data, args.val_data, args.val_fraction, args.data_seed, args.context_length,
+                         args.train_on, args.pack)
+    trajectories = load_trajectories(args.data, n=1000, seed=args.data_seed)
+    return forecasting_data(tok, trajectories, args.systems, args.data_seed, args.context_length, args.stride, args.decimals)
 
 
 # ------------------------------------------------------------------------------------ run state
@@ -234,7 +244,7 @@ class RunState:
     step: int = 0
     flops: int = 0  # coursework accounting, training and validation
     flops_hardware: int = 0
-    tokens: int = 0  # window tokens trained on, padding included
+    tokens: int = 0  # window tokens trained on, padding included (throughput; the loss's own count is per step)
     time: float = 0.0  # seconds of training, over all sessions
     data: dict = field(default_factory=lambda: {"epoch": 0, "index": 0})  # BatchOrder position
     rng: dict = field(default_factory=dict)  # torch (and CUDA) generator states after this step
@@ -282,13 +292,13 @@ def load_checkpoint(out: Path, model, opt: AdamW) -> RunState | None:
 def accumulated_step(model, windows, micro_batches, autocast, chunk: int):
     """Forward and backward over several micro-batches; the loss is averaged over all their target
     tokens together (so a micro-batch with more padding weighs less, exactly as in one big batch)."""
-    n_targets = int(sum(target_mask(windows.real[idx]).sum() for idx in micro_batches))
+    n_targets = int(sum(target_mask(**{k: v for k, v in windows.batch(idx, "cpu").items() if k != "input_ids"}).sum()
+                        for idx in micro_batches))
     device = next(model.parameters()).device
     total = 0.0
     for idx in micro_batches:
-        ids, real = windows.input_ids[idx].to(device), windows.real[idx].to(device)
         with autocast():
-            loss_sum, _ = lm_loss_sum(model, ids, real, chunk)
+            loss_sum, _ = lm_loss_sum(model, chunk=chunk, **windows.batch(idx, device))
         (loss_sum / n_targets).backward()
         total += float(loss_sum.detach())
     return total / n_targets, n_targets
@@ -318,7 +328,7 @@ def optimizer_step(model, opt: AdamW, windows, micro_batches, lr: float, clip: f
 def evaluate(model, windows, batch_size: int, n_batches: int, autocast, chunk: int) -> float:
     """Mean loss per target token over the first n_batches x batch_size validation windows."""
     n = min(len(windows), n_batches * batch_size)
-    return mean_loss(model, windows.input_ids[:n], windows.real[:n], batch_size, chunk, autocast)
+    return mean_loss(model, windows.head(n), batch_size, chunk, autocast)
 
 
 def eval_due(step: int, args) -> bool:
@@ -345,6 +355,8 @@ class Run:
     order: BatchOrder
     costs: dict  # FLOPs of one step and one validation pass, both conventions
     state: RunState
+    tok: object = None
+    prompts: list | None = None  # --eval-prompts: (texts, token ids)
     metrics: object = None  # metrics.jsonl, open for appending
     t0: float = field(default_factory=time.perf_counter)
     start: RunState | None = None  # the state this session began from
@@ -389,12 +401,18 @@ def setup(args, saved: dict | None) -> Run:
     if args.compile:
         model.compile_blocks()
     model.train()
-    windows, scaler, data_info = prepare_data(args, tok)
+    data = prepare_data(args, tok)
     opt = AdamW(lora.lora_parameters(model), lr=args.lr, betas=args.betas, eps=args.eps, weight_decay=args.weight_decay)
-    costs = step_costs(model, args, windows["val"])
-    if saved is not None and saved["scaler"] != scaler.to_dict():
-        raise UserError(f"the data of {out} no longer scales the same way (alpha {saved['scaler']['alpha']:.6g} "
-                        f"vs {scaler.alpha:.6g}): resume with the same --data")
+    costs = step_costs(model, args, data.val)
+    prompts = None
+    if args.eval_prompts:
+        texts = eval_prompts.read_prompts(args.eval_prompts)
+        prompts = (texts, eval_prompts.encode_prompts(tok, texts, chat=is_chat(args)))
+        costs["samples_bound"] = eval_prompts.cost_bound(model, prompts[1], args.eval_max_tokens)["coursework"]
+    for key, value in data.identity.items():
+        if saved is not None and saved.get(key) != value:
+            raise UserError(f"the data of {out} is not what the run began with (its {key} differs): "
+                            f"resume with the same --data files, or start a new run")
     state = (load_checkpoint(out, model, opt) if args.resume else None) or RunState()
     if state.rng:
         set_rng_state(state.rng, device)
@@ -402,15 +420,14 @@ def setup(args, saved: dict | None) -> Run:
     out.mkdir(parents=True, exist_ok=True)
     remove_partial(out)
     write_json(out / "config.json", {
-        "args": vars(args), "scaler": scaler.to_dict(), "data": data_info, "lora": model.lora_config,
+        "args": vars(args), **data.identity, "data": data.info, "lora": model.lora_config,
         "model_source": getattr(model, "source", args.model), "tokenizer_vocab": tok.vocab_size, "flops": costs})
     rewind_log(out / "metrics.jsonl", state.metrics_lines)  # a fresh run starts an empty log
-    print(f"data: {data_info['source']}, {data_info['split_sizes']['train']} train / {data_info['split_sizes']['val']} val systems, "
-          f"{data_info['train_windows']} training windows of {args.context_length} tokens; scaling alpha {scaler.alpha:.4g}", file=sys.stderr)
+    print(data.summary, file=sys.stderr)
     print(f"FLOPs per step: {costs['train_step']:.3e} (coursework), {costs['train_step_hardware']:.3e} (hardware); budget "
           f"{args.max_flops:.3g} fits {int((args.max_flops - state.flops) // costs['train_step']):,} more steps", file=sys.stderr)
-    return Run(args, out, device, autocast, model, windows, opt, BatchOrder(len(windows["train"]), args.seed, **state.data),
-               costs, state, start=state)
+    return Run(args, out, device, autocast, model, {"train": data.train, "val": data.val}, opt,
+               BatchOrder(len(data.train), args.seed, **state.data), costs, state, tok, prompts, start=state)
 
 
 def step_costs(model, args, val_windows, lora: dict | None = None) -> dict:
@@ -451,8 +468,8 @@ def train_step(run: Run) -> bool:
                         time=run.elapsed(), data=run.order.state(), rng=rng_state(run.device),
                         evaluated=not run.eval_due(step))
         run.last = {"loss": loss, "lr": lr, "grad_norm": grad_norm}
-        run.commit(state, {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
-                           "target_tokens": n_targets, "flops": state.flops, "flops_hardware": state.flops_hardware,
+        run.commit(state, {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_targets,
+                           "tokens_seen": state.tokens, "flops": state.flops, "flops_hardware": state.flops_hardware,
                            "time": state.time})
 
     loss, _, grad_norm = optimizer_step(run.model, run.opt, run.windows["train"], micro, lr, args.clip, run.autocast,
@@ -476,6 +493,18 @@ def validate(run: Run) -> None:
     tqdm.write(f"step {state.step}: val loss {val:.4f}, perplexity {math.exp(min(val, 700)):.3f}", file=sys.stderr)
 
 
+def sample_eval_prompts(run: Run, column: str) -> None:
+    """Greedy answers to --eval-prompts ("before" or "after" training), booked and written to samples.md."""
+    answers, cost = eval_prompts.answer(run.model, run.tok, run.prompts[1], run.args.eval_max_tokens, run.autocast)
+    with deferred_interrupts():
+        state = replace(run.state, flops=run.state.flops + cost["coursework"],
+                        flops_hardware=run.state.flops_hardware + cost["hardware"])
+        run.commit(state, {"step": state.step, "samples": column, "flops": state.flops,
+                           "flops_hardware": state.flops_hardware})
+    eval_prompts.record(run.out, column, state.step, run.prompts[0], answers)
+    tqdm.write(f"step {state.step}: answers to --eval-prompts {column} training in {run.out / 'samples.md'}", file=sys.stderr)
+
+
 def training_loop(run: Run) -> str:
     """Validate, save and step until --steps, the FLOP budget or a non-finite loss: returns which."""
     args = run.args
@@ -489,7 +518,7 @@ def training_loop(run: Run) -> str:
             if run.state.step >= args.steps:
                 return "done"
             cost = run.costs["train_step"] + (run.costs["eval"] if run.eval_due(run.state.step + 1) else 0)
-            if run.state.flops + cost > args.max_flops:
+            if run.state.flops + cost + run.costs.get("samples_bound", 0) > args.max_flops:  # the final answers must fit
                 run.last["next_cost"] = cost
                 return "budget"
             if not train_step(run):
@@ -512,6 +541,9 @@ def finish(run: Run, stopped: str) -> dict:
                         + (f"the last good checkpoint (step {int(last.name.split('-')[1])}) is kept in {last}; " if last
                            else "no checkpoint had been saved yet; ")
                         + "try a lower --lr or --clip")
+    if run.prompts and not eval_prompts.has_after(out, s.step):
+        sample_eval_prompts(run, "after")
+        s = run.state
     folder = save_checkpoint(run)
     val = run.last.get("val_loss")
     if stopped == "budget":
@@ -527,7 +559,8 @@ def finish(run: Run, stopped: str) -> dict:
 
 def train(argv=None) -> dict:
     run = setup(*resolve_args(argv))
-    if run.state.step >= run.args.steps and run.state.evaluated:
+    finished = run.state.step >= run.args.steps and run.state.evaluated
+    if finished and (not run.prompts or eval_prompts.has_after(run.out, run.state.step)):
         print(f"{run.out} is already at step {run.state.step} of {run.args.steps}; pass a larger --steps to continue",
               file=sys.stderr)
         return {"step": run.state.step, "stopped": "done", "flops": run.state.flops}
@@ -535,6 +568,8 @@ def train(argv=None) -> dict:
     try:
         with sigterm_as_interrupt():
             try:
+                if run.prompts and run.state.step == 0:
+                    sample_eval_prompts(run, "before")
                 stopped = training_loop(run)
             except KeyboardInterrupt:
                 saved = "nothing to save yet"

@@ -1,9 +1,12 @@
-"""Lotka–Volterra data and the LLMTIME text scheme. Read lotka_volterra.py, llmtime.py, windows.py."""
+"""Training data: Lotka–Volterra trajectories as LLMTIME text (lotka_volterra.py, llmtime.py, windows.py) and
+conversations from JSONL (chat.py). Both become `TrainingData` (windows.py)."""
 
 from .llmtime import Decoded, Scaler, decode, encode
 from .lotka_volterra import Trajectories, load_h5, load_trajectories, save_h5, simulate, split_indices
-from .windows import ForecastTask, TokenWindows, forecast_task, make_windows, trajectory_texts, window_starts
+from .windows import (ForecastTask, TokenWindows, TrainingData, forecast_task, forecasting_data, make_windows,
+                      trajectory_texts, window_starts)
 
-__all__ = ["Decoded", "ForecastTask", "Scaler", "TokenWindows", "Trajectories", "decode", "encode", "forecast_task",
+__all__ = ["Decoded", "ForecastTask", "Scaler", "TokenWindows", "TrainingData", "Trajectories", "decode", "encode",
+           "forecast_task", "forecasting_data",
            "load_h5", "load_trajectories", "make_windows", "save_h5", "simulate", "split_indices", "trajectory_texts",
            "window_starts"]

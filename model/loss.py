@@ -18,28 +18,35 @@ import torch
 import torch.nn.functional as F
 
 
-def target_mask(real: torch.Tensor) -> torch.Tensor:
-    """(B, T) real-token mask -> (B, T-1): position t predicts token t+1, and counts only where both
-    are real text (right padding neither predicts nor is predicted)."""
-    return real[:, 1:] & real[:, :-1]
+def target_mask(real: torch.Tensor, supervised: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) masks -> (B, T-1): position t predicts token t+1, and counts where t is real text and
+    token t+1 is supervised (every real token when `supervised` is None: right padding neither
+    predicts nor is predicted). In packed rows no target crosses into the next segment."""
+    keep = real[:, :-1] & (real if supervised is None else supervised & real)[:, 1:]
+    if segments is not None:
+        keep = keep & (segments[:, 1:] == segments[:, :-1])
+    return keep
 
 
-def lm_loss_sum_reference(model, input_ids: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The definition: (sum of next-token losses over real targets, their count), with full logits."""
-    keep = target_mask(real)  # (B, T-1)
-    logits = model(input_ids)[:, :-1]  # (B, T-1, V)
+def lm_loss_sum_reference(model, input_ids: torch.Tensor, real: torch.Tensor, supervised=None,
+                          segments=None) -> tuple[torch.Tensor, int]:
+    """The definition: (sum of next-token losses over the targets, their count), with full logits."""
+    keep = target_mask(real, supervised, segments)  # (B, T-1)
+    logits = model(input_ids, segments=segments)[:, :-1]  # (B, T-1, V)
     loss = F.cross_entropy(logits[keep].float(), input_ids[:, 1:][keep], reduction="sum")
     return loss, int(keep.sum())
 
 
-def lm_loss_sum(model, input_ids: torch.Tensor, real: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, int]:
+def lm_loss_sum(model, input_ids: torch.Tensor, real: torch.Tensor, chunk: int = 512, supervised=None,
+                segments=None) -> tuple[torch.Tensor, int]:
     """Equal to `lm_loss_sum_reference`, computed `chunk` rows of logits at a time.
 
     Returning the sum (not the mean) lets the caller divide by the token count of a whole accumulated
     batch.
     """
-    hidden = model.hidden_states(input_ids)  # (B, T, D)
-    keep = target_mask(real)  # (B, T-1)
+    hidden = model.hidden_states(input_ids, segments=segments)  # (B, T, D)
+    keep = target_mask(real, supervised, segments)  # (B, T-1)
     h = hidden[:, :-1][keep]  # (n, D): only rows that enter the loss
     y = input_ids[:, 1:][keep]  # (n,)
     if len(y) == 0:
@@ -89,17 +96,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 @torch.no_grad()
-def mean_loss(model, input_ids: torch.Tensor, real: torch.Tensor, batch_size: int, chunk: int = 512,
-              autocast=contextlib.nullcontext) -> float:
-    """Mean next-token loss per real target over a set of windows (B, T), in batches, in eval mode."""
+def mean_loss(model, windows, batch_size: int, chunk: int = 512, autocast=contextlib.nullcontext) -> float:
+    """Mean next-token loss per target over `windows` (data.TokenWindows), in batches, in eval mode."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for s in range(0, len(input_ids), batch_size):
+    for s in range(0, len(windows), batch_size):
         with autocast():
-            loss_sum, n = lm_loss_sum(model, input_ids[s : s + batch_size].to(device),
-                                      real[s : s + batch_size].to(device), chunk)
+            loss_sum, n = lm_loss_sum(model, chunk=chunk, **windows.batch(torch.arange(s, min(s + batch_size, len(windows))), device))
         total, count = total + float(loss_sum), count + n
     model.train(was_training)
     return total / max(count, 1)

@@ -8,6 +8,7 @@ padding that must never be sampled (`vocab_size` below is the tokenizer's, not t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -23,9 +24,7 @@ class Tokenizer:
         self.eos_ids = list(dict.fromkeys(eos_ids))  # every end token, in order, without repeats
         self.chat_template = chat_template
         self.pad_id = pad_id if pad_id is not None else (self.eos_ids[-1] if self.eos_ids else 0)
-        # Qwen's template injects a default system prompt when the chat has none; copy that behaviour.
-        marker = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-        self.default_system = marker if chat_template and marker in chat_template else None
+        self.default_system = default_system_prompt(chat_template)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
@@ -68,13 +67,36 @@ class Tokenizer:
         return self.token_to_id("<|im_start|>") is not None and self.token_to_id("<|im_end|>") is not None
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """ChatML, as Qwen's chat template writes it for plain (tool-free) conversations."""
+        """The conversation as the checkpoint's chat template writes it (see `render_chat`)."""
+        return self.render_chat(messages, add_generation_prompt)[0]
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[dict], list[tuple[int, int]]]:
+        """ChatML, as the chat templates of Qwen2.5 and SmolLM2 write plain (tool-free) conversations:
+
+            <|im_start|>system\nYou are ...<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n
+
+        Both templates start a conversation that has no system message with their own default one
+        (`default_system`), so the model is trained and prompted the way it was tuned. Returns the
+        text, the messages as rendered (the default system message included) and, per message, the
+        character span of its content and its `<|im_end|>` (what a loss on that turn covers; the role
+        header and the newline after the end token are the template's, never the model's to write).
+        """
         if not self.has_chat_format:
-            raise UserError("this tokenizer has no ChatML markers (<|im_start|>, <|im_end|>); drop --chat")
+            raise UserError("this tokenizer has no ChatML markers (<|im_start|>, <|im_end|>): chat data and --chat "
+                            "need a chat checkpoint (Qwen2.5-*-Instruct, SmolLM2-*-Instruct, ...)")
         if self.default_system and (not messages or messages[0]["role"] != "system"):
             messages = [{"role": "system", "content": self.default_system}] + list(messages)
-        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+        text, spans = "", []
+        for m in messages:
+            text += f"<|im_start|>{m['role']}\n"
+            spans.append((len(text), len(text) + len(m["content"]) + len("<|im_end|>")))
+            text += f"{m['content']}<|im_end|>\n"
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else ""), list(messages), spans
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and the character span (start, end) of each in `text`."""
+        enc = self.tok.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
 
     def save(self, path: str | Path) -> None:
         """Write tokenizer.json, plus minimal tokenizer_config.json and generation_config.json where the
@@ -90,6 +112,16 @@ class Tokenizer:
             write_json(path / "tokenizer_config.json", cfg)
         if not (path / "generation_config.json").exists():
             write_json(path / "generation_config.json", {"eos_token_id": self.eos_ids, "pad_token_id": self.pad_id})
+
+
+def default_system_prompt(chat_template: str | None) -> str | None:
+    """The system message a ChatML template writes when a conversation has none, read from the
+    template's source: the first literal `<|im_start|>system\n...<|im_end|>` with no code in between
+    (Qwen2.5: "You are Qwen, created by Alibaba Cloud. ...", SmolLM2: "You are a helpful AI assistant
+    named SmolLM, ..."). tests/test_chat.py checks the rendering against transformers' own
+    `apply_chat_template` on both checkpoints' templates."""
+    found = re.search(r"<\|im_start\|>system(?:\\n|\n)([^'\"{}]*?)<\|im_end\|>", chat_template or "")
+    return found.group(1).replace("\\n", "\n") if found else None
 
 
 def _read_optional_json(path: Path) -> dict:

@@ -102,7 +102,7 @@ class KVCache:
 
 # ------------------------------------------------------------------------------------------ attention
 class Attention(nn.Module):
-    """Grouped-query attention: K key/value heads, each serving H/K *consecutive* query heads.
+    r"""Grouped-query attention: K key/value heads, each serving H/K *consecutive* query heads.
 
     Qwen2.5-0.5B has H = 14 query heads and K = 2 key/value heads, so groups of 7:
 
@@ -258,15 +258,18 @@ class Transformer(nn.Module):
         for block in self.model.layers:
             block.self_attn.impl = impl
 
-    def hidden_states(self, input_ids, pad_mask=None, cache: KVCache | None = None):
+    def hidden_states(self, input_ids, pad_mask=None, cache: KVCache | None = None, segments=None):
         """Final-norm hidden states (B, T, D); the loss applies lm_head itself, in chunks.
 
         pad_mask (B, T) marks real tokens (True) among left padding; with a cache, the chunk is written
-        after `cache.length` positions and attends to everything before it.
+        after `cache.length` positions and attends to everything before it. segments (B, T) packs
+        several sequences in a row (training only): each sees only itself, from position 0.
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
-        if cache is None and pad_mask is None:  # training and scoring: every token real, plain causal
+        if segments is not None:
+            positions, mask, is_causal = segment_positions(segments), segment_mask(segments), False
+        elif cache is None and pad_mask is None:  # training and scoring: every token real, plain causal
             positions, mask, is_causal = torch.arange(T, device=input_ids.device).expand(B, T), None, True
         else:
             real = pad_mask if pad_mask is not None else torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
@@ -281,8 +284,8 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, mask, is_causal, cache, i, start)
         return self.model.norm(x)
 
-    def forward(self, input_ids, pad_mask=None, cache: KVCache | None = None, last_only: bool = False):
-        h = self.hidden_states(input_ids, pad_mask, cache)
+    def forward(self, input_ids, pad_mask=None, cache: KVCache | None = None, last_only: bool = False, segments=None):
+        h = self.hidden_states(input_ids, pad_mask, cache, segments)
         if last_only:  # generation needs one row of logits, not (B, T, V)
             h = h[:, -1:]
         return self.lm_head(h)  # (B, T, V)
@@ -321,3 +324,26 @@ def attention_mask(key_valid: torch.Tensor, start: int) -> tuple[torch.Tensor | 
     k_idx = torch.arange(L, device=key_valid.device)[None, :]  # (1, L)
     mask = ((k_idx <= q_idx) & key_valid[:, None, :]) | (k_idx == q_idx)  # (B, T, L)
     return mask[:, None], False  # (B, 1, T, L)
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """RoPE positions (B, T) of packed rows: counting restarts at 0 where the segment id changes.
+
+        segments   1 1 1 2 2 3 3 3 0 0
+        positions  0 1 2 0 1 0 1 2 0 1
+    """
+    B, T = segments.shape
+    index = torch.arange(T, device=segments.device).expand(B, T)  # (B, T)
+    starts_here = torch.ones_like(segments, dtype=torch.bool)
+    starts_here[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    segment_start = torch.where(starts_here, index, 0).cummax(dim=1).values  # (B, T) index where each run began
+    return index - segment_start
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) attention mask of packed rows: causal, and only within the query's own segment
+    (block-diagonal). Padding (segment 0) attends among itself and its output is never used."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()  # (T, T)
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    return (same & causal)[:, None]  # (B, 1, T, T)
