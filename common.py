@@ -23,13 +23,16 @@ class UserError(Exception):
 
 def run_cli(main) -> None:
     """Run `main()`, turning UserError (and Ctrl-C) into one line on stderr and exit code 2 / 130."""
+    speaks = os.environ.get("RANK", "0") == "0"  # under torchrun every process meets the same error: one says it
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if speaks:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if speaks:
+            print("interrupted", file=sys.stderr)
         sys.exit(130)
 
 

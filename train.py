@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import distributed
 import flops
 import lora
 from checkpoints import latest_checkpoint, remove_partial, rewind_log, write_checkpoint
@@ -289,30 +290,39 @@ def load_checkpoint(out: Path, model, opt: AdamW) -> RunState | None:
 
 
 # ------------------------------------------------------------------------------------------ steps
-def accumulated_step(model, windows, micro_batches, autocast, chunk: int):
+def accumulated_step(model, windows, micro_batches, autocast, chunk: int, group=distributed.Group()):
     """Forward and backward over several micro-batches; the loss is averaged over all their target
-    tokens together (so a micro-batch with more padding weighs less, exactly as in one big batch)."""
+    tokens together (so a micro-batch with more padding weighs less, exactly as in one big batch).
+
+    Under torchrun `micro_batches` are global: this process runs its slice of each, and one all-reduce
+    then sums the gradients and loss sums (distributed.py says why that is exactly the global mean)."""
     n_targets = int(sum(target_mask(**{k: v for k, v in windows.batch(idx, "cpu").items() if k != "input_ids"}).sum()
                         for idx in micro_batches))
     device = next(model.parameters()).device
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for idx in micro_batches:
         with autocast():
-            loss_sum, _ = lm_loss_sum(model, chunk=chunk, **windows.batch(idx, device))
+            loss_sum, _ = lm_loss_sum(model, chunk=chunk, **windows.batch(group.shard(idx), device))
         (loss_sum / n_targets).backward()
-        total += float(loss_sum.detach())
-    return total / n_targets, n_targets
+        total += loss_sum.detach()
+    if group.active:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for p in trainable:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        group.all_reduce_sum([p.grad for p in trainable] + [total])
+    return float(total) / n_targets, n_targets
 
 
 def optimizer_step(model, opt: AdamW, windows, micro_batches, lr: float, clip: float, autocast, chunk: int,
-                   commit=None):
+                   commit=None, group=distributed.Group()):
     """One training step: accumulate, clip, AdamW. Returns (loss, target tokens, pre-clip gradient norm).
 
     The update and `commit(loss, n_targets, grad_norm)`, the bookkeeping that says it happened, run
     with interrupts held back: both happen or neither. A non-finite loss or gradient skips both (the
     caller stops the run). bench/train_step.py times this function.
     """
-    loss, n_targets = accumulated_step(model, windows, micro_batches, autocast, chunk)
+    loss, n_targets = accumulated_step(model, windows, micro_batches, autocast, chunk, group)
     grad_norm = clip_grad_norm(opt.params.values(), clip)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         opt.zero_grad()
@@ -357,15 +367,17 @@ class Run:
     state: RunState
     tok: object = None
     prompts: list | None = None  # --eval-prompts: (texts, token ids)
+    group: distributed.Group = field(default_factory=distributed.Group)  # torchrun: this process's place
     metrics: object = None  # metrics.jsonl, open for appending
     t0: float = field(default_factory=time.perf_counter)
     start: RunState | None = None  # the state this session began from
     last: dict = field(default_factory=dict)  # the latest step record and validation loss
 
     def commit(self, state: RunState, record: dict) -> None:
-        """Log one record and move to `state`. Called with interrupts held back."""
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
+        """Log one record (rank 0 writes it) and move to `state`. Called with interrupts held back."""
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
         self.state = replace(state, metrics_lines=state.metrics_lines + 1)
 
     def elapsed(self) -> float:
@@ -386,7 +398,10 @@ def setup(args, saved: dict | None) -> Run:
     out = Path(args.out)
     if not args.resume and latest_checkpoint(out):
         raise UserError(f"{out} already holds a run; continue it with --resume {out}, or choose another --out")
-    device = parse_device(args.device)
+    group, device = distributed.init(parse_device(args.device))
+    if args.batch_size % group.world:
+        raise UserError(f"--batch-size {args.batch_size} is the global batch and does not split over {group.world} "
+                        f"processes; use a multiple of {group.world}")
     if args.compile:
         check_compiler(device)
     dtype = weights_dtype(args.dtype, device)
@@ -396,7 +411,8 @@ def setup(args, saved: dict | None) -> Run:
     reuse_freed_memory()
     torch.manual_seed(args.seed)
     model, tok = load_pretrained(args.model, dtype=dtype, device=device, quantize=args.quantize)
-    lora.apply_lora(model, rank=args.rank, alpha=args.alpha, targets=args.targets, dropout=args.dropout)
+    lora.apply_lora(model, rank=args.rank, alpha=args.alpha, targets=args.targets, dropout=args.dropout,
+                    verbose=group.is_main)
     model.grad_checkpoint = args.grad_checkpoint
     if args.compile:
         model.compile_blocks()
@@ -416,18 +432,28 @@ def setup(args, saved: dict | None) -> Run:
     state = (load_checkpoint(out, model, opt) if args.resume else None) or RunState()
     if state.rng:
         set_rng_state(state.rng, device)
+    if group.rank:  # dropout masks: each process its own stream (checkpoints keep rank 0's); no effect without dropout
+        torch.manual_seed(args.seed * 1_000_003 + group.rank * 7_919 + state.step)
 
+    if group.is_main:
+        start_run_folder(out, state, {
+            "args": vars(args), **data.identity, "data": data.info, "lora": model.lora_config, "processes": group.world,
+            "model_source": getattr(model, "source", args.model), "tokenizer_vocab": tok.vocab_size, "flops": costs})
+        print(data.summary, file=sys.stderr)
+        print(f"FLOPs per step: {costs['train_step']:.3e} (coursework), {costs['train_step_hardware']:.3e} (hardware); budget "
+              f"{args.max_flops:.3g} fits {int((args.max_flops - state.flops) // costs['train_step']):,} more steps"
+              + (f"; {group.world} processes x {args.batch_size // group.world} windows" if group.active else ""), file=sys.stderr)
+    group.barrier()  # the folder is ready before any process goes on
+    return Run(args, out, device, autocast, model, {"train": data.train, "val": data.val}, opt,
+               BatchOrder(len(data.train), args.seed, **state.data), costs, state, tok, prompts, group, start=state)
+
+
+def start_run_folder(out: Path, state: RunState, config: dict) -> None:
+    """config.json written, an interrupted checkpoint write cleared, metrics.jsonl rewound to `state`."""
     out.mkdir(parents=True, exist_ok=True)
     remove_partial(out)
-    write_json(out / "config.json", {
-        "args": vars(args), **data.identity, "data": data.info, "lora": model.lora_config,
-        "model_source": getattr(model, "source", args.model), "tokenizer_vocab": tok.vocab_size, "flops": costs})
+    write_json(out / "config.json", config)
     rewind_log(out / "metrics.jsonl", state.metrics_lines)  # a fresh run starts an empty log
-    print(data.summary, file=sys.stderr)
-    print(f"FLOPs per step: {costs['train_step']:.3e} (coursework), {costs['train_step_hardware']:.3e} (hardware); budget "
-          f"{args.max_flops:.3g} fits {int((args.max_flops - state.flops) // costs['train_step']):,} more steps", file=sys.stderr)
-    return Run(args, out, device, autocast, model, {"train": data.train, "val": data.val}, opt,
-               BatchOrder(len(data.train), args.seed, **state.data), costs, state, tok, prompts, start=state)
 
 
 def step_costs(model, args, val_windows, lora: dict | None = None) -> dict:
@@ -442,16 +468,22 @@ def step_costs(model, args, val_windows, lora: dict | None = None) -> dict:
             "eval": n_eval * per_micro.eval_coursework, "eval_hardware": n_eval * per_micro.forward_hardware}
 
 
-def save_checkpoint(run: Run) -> Path:
-    """Checkpoint the current boundary: adapter, optimizer moments and RunState, together."""
+def save_checkpoint(run: Run, sync: bool = True) -> Path:
+    """Checkpoint the current boundary: adapter, optimizer moments and RunState, together. Rank 0 writes
+    (every process holds the same weights and state); with `sync` the others wait until it has."""
     state = run.state
-    os.fsync(run.metrics.fileno())  # the log lines this checkpoint counts reach the disk before it does
+    folder = run.out / f"checkpoint-{state.step:06d}"
+    if run.group.is_main:
+        os.fsync(run.metrics.fileno())  # the log lines this checkpoint counts reach the disk before it does
 
-    def fill(folder: Path) -> None:
-        lora.save_adapter(run.model, folder)
-        torch.save({**asdict(state), "optimizer": run.opt.state_dict()}, folder / STATE_FILE)
+        def fill(folder: Path) -> None:
+            lora.save_adapter(run.model, folder)
+            torch.save({**asdict(state), "optimizer": run.opt.state_dict()}, folder / STATE_FILE)
 
-    return write_checkpoint(run.out, state.step, fill)
+        folder = write_checkpoint(run.out, state.step, fill)
+    if sync:
+        run.group.barrier()
+    return folder
 
 
 def train_step(run: Run) -> bool:
@@ -473,7 +505,7 @@ def train_step(run: Run) -> bool:
                            "time": state.time})
 
     loss, _, grad_norm = optimizer_step(run.model, run.opt, run.windows["train"], micro, lr, args.clip, run.autocast,
-                                        args.loss_chunk, commit)
+                                        args.loss_chunk, commit, run.group)
     if run.state.step != step:
         run.last = {"loss": loss, "grad_norm": grad_norm, "failed_step": step}
         return False
@@ -483,32 +515,39 @@ def train_step(run: Run) -> bool:
 def validate(run: Run) -> None:
     """The validation pass due after the current step, booked and logged."""
     args = run.args
-    val = evaluate(run.model, run.windows["val"], args.batch_size, args.eval_batches, run.autocast, args.loss_chunk)
+    val = (evaluate(run.model, run.windows["val"], args.batch_size, args.eval_batches, run.autocast, args.loss_chunk)
+           if run.group.is_main else float("nan"))  # the others only book its FLOPs
     with deferred_interrupts():
         state = replace(run.state, flops=run.state.flops + run.costs["eval"], evaluated=True,
                         flops_hardware=run.state.flops_hardware + run.costs["eval_hardware"])
         run.commit(state, {"step": state.step, "val_loss": val, "val_ppl": math.exp(min(val, 700)),
                            "flops": state.flops, "flops_hardware": state.flops_hardware})
     run.last["val_loss"] = val
-    tqdm.write(f"step {state.step}: val loss {val:.4f}, perplexity {math.exp(min(val, 700)):.3f}", file=sys.stderr)
+    if run.group.is_main:
+        tqdm.write(f"step {state.step}: val loss {val:.4f}, perplexity {math.exp(min(val, 700)):.3f}", file=sys.stderr)
 
 
 def sample_eval_prompts(run: Run, column: str) -> None:
     """Greedy answers to --eval-prompts ("before" or "after" training), booked and written to samples.md."""
-    answers, cost = eval_prompts.answer(run.model, run.tok, run.prompts[1], run.args.eval_max_tokens, run.autocast)
+    answers, cost = (eval_prompts.answer(run.model, run.tok, run.prompts[1], run.args.eval_max_tokens, run.autocast)
+                     if run.group.is_main else (None, None))
+    cost = run.group.broadcast(cost)  # every process books what rank 0 generated
     with deferred_interrupts():
         state = replace(run.state, flops=run.state.flops + cost["coursework"],
                         flops_hardware=run.state.flops_hardware + cost["hardware"])
         run.commit(state, {"step": state.step, "samples": column, "flops": state.flops,
                            "flops_hardware": state.flops_hardware})
-    eval_prompts.record(run.out, column, state.step, run.prompts[0], answers)
-    tqdm.write(f"step {state.step}: answers to --eval-prompts {column} training in {run.out / 'samples.md'}", file=sys.stderr)
+    if run.group.is_main:
+        eval_prompts.record(run.out, column, state.step, run.prompts[0], answers)
+        tqdm.write(f"step {state.step}: answers to --eval-prompts {column} training in {run.out / 'samples.md'}",
+                   file=sys.stderr)
 
 
 def training_loop(run: Run) -> str:
     """Validate, save and step until --steps, the FLOP budget or a non-finite loss: returns which."""
     args = run.args
-    bar = tqdm(total=args.steps, initial=run.state.step, desc="train", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=args.steps, initial=run.state.step, desc="train", dynamic_ncols=True, file=sys.stderr,
+               disable=not run.group.is_main)
     try:
         while True:
             if not run.state.evaluated:
@@ -524,9 +563,10 @@ def training_loop(run: Run) -> str:
             if not train_step(run):
                 return "nan"
             bar.update(1)
-            rate = (run.state.tokens - run.start.tokens) / max(time.perf_counter() - run.t0, 1e-9)
+            rate = (run.state.tokens - run.start.tokens) / max(time.perf_counter() - run.t0, 1e-9)  # global
+            per_process = {"tok_s_proc": f"{rate / run.group.world:,.0f}"} if run.group.active else {}
             bar.set_postfix(loss=f"{run.last['loss']:.4f}", lr=f"{run.last['lr']:.2e}", gnorm=f"{run.last['grad_norm']:.3f}",
-                            tok_s=f"{rate:,.0f}", flops=f"{run.state.flops:.2e}/{args.max_flops:.0e}")
+                            tok_s=f"{rate:,.0f}", **per_process, flops=f"{run.state.flops:.2e}/{args.max_flops:.0e}")
     finally:
         bar.close()
 
@@ -541,15 +581,15 @@ def finish(run: Run, stopped: str) -> dict:
                         + (f"the last good checkpoint (step {int(last.name.split('-')[1])}) is kept in {last}; " if last
                            else "no checkpoint had been saved yet; ")
                         + "try a lower --lr or --clip")
-    if run.prompts and not eval_prompts.has_after(out, s.step):
+    if run.prompts and not answered_after(run):
         sample_eval_prompts(run, "after")
         s = run.state
     folder = save_checkpoint(run)
     val = run.last.get("val_loss")
-    if stopped == "budget":
+    if run.group.is_main and stopped == "budget":
         print(f"FLOP budget reached: stopped after step {s.step} with {s.flops:.4g} of {run.args.max_flops:.4g} FLOPs used "
               f"(the next step needs {run.last['next_cost']:.4g}); checkpoint in {folder}", file=sys.stderr)
-    else:
+    elif run.group.is_main:
         print(f"done: {s.step} steps, {s.flops:.4g} FLOPs (coursework), {s.flops_hardware:.4g} (hardware)"
               + (f", final val loss {val:.4f}" if val is not None else "")
               + f"; adapter and state in {folder}", file=sys.stderr)
@@ -557,31 +597,47 @@ def finish(run: Run, stopped: str) -> dict:
             "step_flops": run.costs["train_step"], "eval_flops": run.costs["eval"]}
 
 
+def answered_after(run: Run) -> bool:
+    """Are the --eval-prompts answers after the current step already written? (rank 0 reads, all agree)"""
+    return run.group.broadcast(eval_prompts.has_after(run.out, run.state.step) if run.group.is_main else None)
+
+
 def train(argv=None) -> dict:
+    """One run; under torchrun, this process's part of it (see distributed.py)."""
+    try:
+        return train_process(argv)
+    finally:
+        distributed.shutdown()
+
+
+def train_process(argv) -> dict:
     run = setup(*resolve_args(argv))
     finished = run.state.step >= run.args.steps and run.state.evaluated
-    if finished and (not run.prompts or eval_prompts.has_after(run.out, run.state.step)):
-        print(f"{run.out} is already at step {run.state.step} of {run.args.steps}; pass a larger --steps to continue",
-              file=sys.stderr)
+    if finished and (not run.prompts or answered_after(run)):
+        if run.group.is_main:
+            print(f"{run.out} is already at step {run.state.step} of {run.args.steps}; pass a larger --steps to continue",
+                  file=sys.stderr)
         return {"step": run.state.step, "stopped": "done", "flops": run.state.flops}
-    run.metrics = open(run.out / "metrics.jsonl", "a")
+    run.metrics = open(run.out / "metrics.jsonl", "a") if run.group.is_main else None
     try:
         with sigterm_as_interrupt():
             try:
                 if run.prompts and run.state.step == 0:
                     sample_eval_prompts(run, "before")
                 stopped = training_loop(run)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # no collective here: under torchrun the others may be gone already
                 saved = "nothing to save yet"
-                if run.state.step:
+                if run.state.step and run.group.is_main:
                     with deferred_interrupts():
-                        saved = f"checkpoint saved in {save_checkpoint(run)}"
-                print(f"\ninterrupted after step {run.state.step}: {saved}; continue with "
-                      f"python train.py --resume {run.out}", file=sys.stderr)
+                        saved = f"checkpoint saved in {save_checkpoint(run, sync=False)}"
+                if run.group.is_main:
+                    print(f"\ninterrupted after step {run.state.step}: {saved}; continue with "
+                          f"python train.py --resume {run.out}", file=sys.stderr)
                 raise
         return finish(run, stopped)
     finally:
-        run.metrics.close()
+        if run.metrics is not None:
+            run.metrics.close()
 
 
 def main(argv=None):
