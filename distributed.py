@@ -54,10 +54,8 @@ class Group:
         return self.world > 1
 
     def shard(self, idx: torch.Tensor) -> torch.Tensor:
-        """This process's contiguous slice of a global micro-batch of window indices."""
-        if len(idx) % self.world:
-            raise UserError(f"--batch-size {len(idx)} does not split over {self.world} processes; "
-                            f"use a multiple of {self.world}")
+        """This process's contiguous slice of a global micro-batch of window indices (train.setup has
+        checked that the batch divides)."""
         n = len(idx) // self.world
         return idx[self.rank * n : (self.rank + 1) * n]
 
@@ -91,9 +89,8 @@ def launched_by_torchrun() -> bool:
 
 def init(device: torch.device) -> tuple[Group, torch.device]:
     """Join the process group when torchrun started us; (group, this process's device)."""
-    if not launched_by_torchrun() or dist.is_initialized():
-        return (Group(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-                if dist.is_initialized() else Group()), device
+    if not launched_by_torchrun():
+        return Group(), device
     group = Group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
         device = torch.device("cuda", group.local_rank)

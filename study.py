@@ -25,11 +25,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import distributed
 import flops
 import train
 from common import UserError, atomic_path, fsync, read_json, run_cli, write_json
@@ -70,7 +70,7 @@ def parse_args(argv=None):
         raise UserError("step counts must be >= 0 and --eval-systems at least 1")
     if args.samples > 1 and args.temperature == 0:
         raise UserError("--samples > 1 needs --temperature > 0 (greedy samples would all be the same)")
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if distributed.launched_by_torchrun():
         raise UserError("study.py runs in one process: launch it with python, not torchrun (train.py alone runs under torchrun)")
     if args.data and str(args.data).endswith(".jsonl"):
         raise UserError("study.py is the forecasting study (its test phase scores forecasts); train on chat data "

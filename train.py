@@ -51,7 +51,7 @@ import eval_prompts
 from data import TrainingData, forecasting_data, load_trajectories
 from data.chat import chat_data
 from model import DEFAULT_MODEL, load_pretrained
-from model.loss import lm_loss_sum, mean_loss, target_mask
+from model.loss import lm_loss_sum, mean_loss
 from optim import AdamW, clip_grad_norm, lr_at
 
 STATE_FILE = "trainer_state.pt"
@@ -296,8 +296,7 @@ def accumulated_step(model, windows, micro_batches, autocast, chunk: int, group=
 
     Under torchrun `micro_batches` are global: this process runs its slice of each, and one all-reduce
     then sums the gradients and loss sums (distributed.py says why that is exactly the global mean)."""
-    n_targets = int(sum(target_mask(**{k: v for k, v in windows.batch(idx, "cpu").items() if k != "input_ids"}).sum()
-                        for idx in micro_batches))
+    n_targets = int(sum(windows.target_count(idx) for idx in micro_batches))
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
     for idx in micro_batches:

@@ -38,6 +38,13 @@ class TokenWindows:
         return {"input_ids": pick(self.input_ids), "real": pick(self.real), "supervised": pick(self.supervised),
                 "segments": pick(self.segments)}
 
+    def target_count(self, idx: torch.Tensor) -> int:
+        """How many targets the loss has in rows `idx` (model.loss.target_mask)."""
+        from model.loss import target_mask
+
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return int(target_mask(self.real[idx], pick(self.supervised), pick(self.segments)).sum())
+
     def head(self, n: int) -> "TokenWindows":
         """The first n windows (validation uses a fixed prefix)."""
         cut = lambda t: None if t is None else t[:n]  # noqa: E731
