@@ -175,14 +175,28 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def weights_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype auto: bf16 on CUDA (train.py adds autocast), fp32 on MPS and the CPU. bf16 halves the
+    memory everywhere, but a CPU without bf16 matmul units runs it slower than fp32 (README, Performance)."""
+    return parse_dtype(name) if name != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def parse_device(name: str | None) -> torch.device:
-    """`None`/"auto" picks CUDA when present; asking for CUDA without one is a user error."""
+    """`None`/"auto" picks CUDA, then Apple's MPS, then the CPU; asking for a device torch cannot see is
+    a user error."""
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    if device.type == "mps" and not mps_available():
+        raise UserError("--device mps was asked for but this torch has no MPS (Apple silicon) backend; use --device cpu")
     return device
+
+
+def mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())

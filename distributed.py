@@ -59,6 +59,18 @@ class Group:
         n = len(idx) // self.world
         return idx[self.rank * n : (self.rank + 1) * n]
 
+    def span(self, n: int) -> tuple[int, int]:
+        """This process's contiguous share [start, end) of n items (study.py's forecast systems)."""
+        return n * self.rank // self.world, n * (self.rank + 1) // self.world
+
+    def all_gather(self, obj) -> list:
+        """Every process's `obj` (a small Python object), in rank order, on every process."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def all_reduce_sum(self, tensors: list[torch.Tensor]) -> None:
         """Sum each tensor over the processes, in place, in one collective."""
         if not self.active or not tensors:
@@ -87,8 +99,13 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def joined() -> bool:
+    return dist.is_initialized()
+
+
 def init(device: torch.device) -> tuple[Group, torch.device]:
-    """Join the process group when torchrun started us; (group, this process's device)."""
+    """Join the process group when torchrun started us; (group, this process's device). Joining again
+    is free: study.py joins once and trains its runs, each calling this, in the same group."""
     if not launched_by_torchrun():
         return Group(), device
     group = Group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
@@ -97,6 +114,8 @@ def init(device: torch.device) -> tuple[Group, torch.device]:
         torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise UserError(f"torchrun runs on CPU (gloo) or CUDA (NCCL), not on {device.type}")
+    if joined():
+        return group, device
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=TIMEOUT, **({"device_id": device} if device.type == "cuda" else {}))
     return group, device

@@ -9,8 +9,11 @@ for the base model), the model continues the text, and the continuation is decod
 compared with the true next `--horizon` steps in the original units.
 
 Decoding is constrained to what the format can contain (digits, '.', ',', ';' and the end tokens) and
-stops after `horizon` timesteps. Several samples (`--samples N --temperature T`) are combined by their
-median per timestep and variable. A forecast that cannot be read in full is never dropped:
+stops after `horizon` timesteps; lm_head computes only those tokens' logits. Several samples
+(`--samples N --temperature T`) are combined by their median per timestep and variable: each prompt is
+prefilled once and its samples decode from copies of its KV cache, `--batch-size` rows (prompts x
+samples) at a time, each sample drawing from its own seeded stream (the same forecasts whatever the
+batch size). A forecast that cannot be read in full is never dropped:
 
 - invalid: the continuation had malformed timesteps; only the well-formed timesteps before the first
   malformed one are kept (after it, the time alignment is unknown);
@@ -35,7 +38,7 @@ from tqdm import tqdm
 
 import flops
 import lora
-from common import UserError, parse_device, parse_dtype, read_json, run_cli, write_json
+from common import UserError, parse_device, read_json, run_cli, weights_dtype, write_json
 from data import Scaler, decode, forecast_task, load_trajectories, make_windows, split_indices, trajectory_texts
 from model import DEFAULT_MODEL, generate, load_pretrained
 from model.loss import mean_loss
@@ -105,38 +108,48 @@ def stop_after(horizon: int, separator_id: int):
 
 
 def generate_forecasts(model, tok, prompts: list[str], horizon: int, decimals: int, samples: int = 1,
-                       temperature: float = 0.0, batch_size: int = 16, seed: int = 0, progress: bool = False,
-                       flops_used: dict | None = None) -> list[list[str]]:
-    """Continuations per prompt (`samples` of each), batched with left padding and a KV cache.
-    `flops_used` ({"coursework", "hardware"}), if given, has the generation's FLOPs added to it, and under
-    "passes" the [batch, padded prompt length, decode steps] of each generate call (flops.generation's inputs)."""
+                       temperature: float = 0.0, batch_size: int = 128, seed: int = 0, progress: bool = False,
+                       flops_used: dict | None = None, first: int = 0) -> list[list[str]]:
+    """`samples` continuations per prompt, decoded `batch_size` rows (prompts x their samples) at a time:
+    each prompt is prefilled once, its samples continue copies of its KV cache.
+
+    Sample j of prompt i (i counted from `first`: a slice of a larger task) draws from its own random
+    stream, seeded by (seed, i, j): what it says does not depend on the batch size or on how the prompts
+    were split, e.g. over processes. `flops_used` ({"coursework", "hardware"}), if given, has the
+    generation's FLOPs added to it, and under "passes" each generate call's stats (flops.generation's
+    arguments)."""
     device = next(model.parameters()).device
     allowed = allowed_token_ids(tok)
     sep = tok.token_to_id(";")
     # a step is at most "ddd.dd,ddd.dd;" at 3 integer digits: generous room, stopped early by `stop`
     max_new = horizon * (2 * (4 + decimals) + 2)
-    requests = [(i, p) for i in range(len(prompts)) for p in [prompts[i]] * samples]
-    texts: list[list[str]] = [[] for _ in prompts]
-    gen = torch.Generator(device=device).manual_seed(seed)
-    encoded = tok.encode_batch([p for _, p in requests])
-    bar = tqdm(total=len(requests), desc="forecast", disable=not progress, file=sys.stderr)
-    for s in range(0, len(requests), batch_size):
-        chunk = encoded[s : s + batch_size]
+    per_call = max(1, batch_size // samples)  # prompts per generate call
+    encoded = tok.encode_batch(prompts)
+    texts: list[list[str]] = []
+    bar = tqdm(total=len(prompts) * samples, desc="forecast", disable=not progress, file=sys.stderr)
+    for s in range(0, len(prompts), per_call):
+        chunk = encoded[s : s + per_call]
+        streams = [torch.Generator(device=device).manual_seed(row_seed(seed, first + i, j))
+                   for i in range(s, s + len(chunk)) for j in range(samples)] if temperature > 0 else None
         stats = {}
-        new = generate(model, chunk, max_new, temperature=temperature, eos_ids=tok.eos_ids,
+        new = generate(model, chunk, max_new, samples=samples, temperature=temperature, eos_ids=tok.eos_ids,
                        vocab_limit=tok.vocab_size, allowed_ids=allowed, stop=stop_after(horizon, sep),
-                       generator=gen, pad_id=tok.pad_id, stats=stats)
+                       generator=streams, pad_id=tok.pad_id, stats=stats)
         if flops_used is not None:
-            cost = flops.generation(model.config, stats["batch"], stats["prompt_len"], stats["decode_steps"],
-                                    getattr(model, "lora_config", None))
+            cost = flops.generation(model.config, lora=getattr(model, "lora_config", None), **stats)
             for key in ("coursework", "hardware"):
                 flops_used[key] = flops_used.get(key, 0) + cost[key]
-            flops_used.setdefault("passes", []).append([stats["batch"], stats["prompt_len"], stats["decode_steps"]])
-        for (i, _), ids in zip(requests[s : s + batch_size], new):
-            texts[i].append(tok.decode(ids, skip_special_tokens=True))
-        bar.update(len(chunk))
+            flops_used.setdefault("passes", []).append(stats)
+        decoded = [tok.decode(ids, skip_special_tokens=True) for ids in new]
+        texts += [decoded[k : k + samples] for k in range(0, len(decoded), samples)]
+        bar.update(len(new))
     bar.close()
     return texts
+
+
+def row_seed(seed: int, prompt: int, sample: int) -> int:
+    """A distinct 63-bit seed per (seed, prompt, sample)."""
+    return (seed * 1_000_003 + prompt) * 65_537 + sample & (2**63 - 1)
 
 
 def evaluate_forecasts(texts: list[list[str]], task, scaler: Scaler, decimals: int, horizon: int) -> dict:
@@ -261,15 +274,17 @@ def parse_args(argv=None):
     a("--samples", type=int, default=1)
     a("--temperature", type=float, default=0.0)
     a("--systems", type=int, default=None, help="evaluate the first N systems of the split")
-    a("--batch-size", type=int, default=16)
+    a("--batch-size", type=int, default=128,
+      help="rows decoded together (prompts x samples); the text loss takes 16 windows at a time")
     a("--decimals", type=int, default=2, help="for the base model (a run uses its own)")
     a("--loss", action="store_true", help="also report the teacher-forced loss and perplexity of the text")
     a("--context-length", type=int, default=512, help="window length for --loss")
     a("--json", default=None, help="write the results to this file")
     a("--plots", default=None, help="write plots to this folder (needs matplotlib)")
     a("--seed", type=int, default=0)
-    a("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    a("--device", default="auto")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+      help="auto: bfloat16 on CUDA, float32 on MPS and CPU")
+    a("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     a("--quantize", default=None, choices=["nf4"], help="store the base model's projections in 4-bit NF4 (QLoRA runs)")
     args = p.parse_args(argv)
     if args.samples < 1 or args.horizon < 1 or args.context_steps < 1 or args.batch_size < 1:
@@ -331,7 +346,7 @@ def evaluate_variant(args, tok, values, name, model, scaler, decimals, trained_l
     r = evaluate_forecasts(texts, task, scaler, decimals, args.horizon)
     forecast = r.pop("forecast_values")
     if args.loss:
-        r.update(text_loss(model, tok, values, scaler, decimals, args.context_length, args.batch_size))
+        r.update(text_loss(model, tok, values, scaler, decimals, args.context_length, batch_size=16))
     r["alpha"], r["decimals"] = scaler.alpha, decimals
     return task, r, forecast
 
@@ -341,7 +356,7 @@ def main(argv=None) -> dict:
     device = parse_device(args.device)
     runs = {adapter: run_settings(adapter) for adapter in args.adapter}
     values, dataset, split, source = evaluation_values(args, runs)
-    base_model, tok = load_pretrained(args.model, dtype=parse_dtype(args.dtype), device=device, quantize=args.quantize)
+    base_model, tok = load_pretrained(args.model, dtype=weights_dtype(args.dtype, device), device=device, quantize=args.quantize)
     variants = load_variants(args, runs, base_model, Scaler.fit(dataset[split["train"]]))
 
     results, forecasts, task = {}, {}, None

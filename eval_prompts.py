@@ -44,8 +44,7 @@ def answer(model, tok, encoded: list[list[int]], max_new_tokens: int, autocast) 
         new = generate(model, encoded, max_new_tokens, eos_ids=tok.eos_ids, vocab_limit=tok.vocab_size,
                        pad_id=tok.pad_id, stats=stats)
     model.train(was_training)
-    cost = flops.generation(model.config, stats["batch"], stats["prompt_len"], stats["decode_steps"],
-                            getattr(model, "lora_config", None))
+    cost = flops.generation(model.config, lora=getattr(model, "lora_config", None), **stats)
     return [tok.decode(ids, skip_special_tokens=True) for ids in new], cost
 
 

@@ -166,6 +166,7 @@ class Shapes:
     o_bias: bool
     keys: int = 0  # keys each query attends over (a KV cache's length); 0: the T new tokens themselves
     head_rows: int = 0  # rows that go through lm_head; 0: all N (generation needs only each row's last)
+    head_vocab: int = 0  # lm_head outputs computed per row; 0: all V (constrained decoding computes fewer)
 
     @property
     def N(self) -> int:
@@ -180,6 +181,10 @@ class Shapes:
         return self.head_rows or self.N
 
     @property
+    def Vh(self) -> int:
+        return self.head_vocab or self.V
+
+    @property
     def projections(self) -> tuple[tuple[str, int, int, bool], ...]:
         """(name, d_in, d_out, bias) of the seven projections of a block, in the order they run."""
         D, I, q, kv = self.D, self.I, self.H * self.hd, self.K * self.hd
@@ -189,7 +194,7 @@ class Shapes:
 
 
 def shapes_of(config, batch: int, seq: int, lora: dict | None, trainable: str | None, keys: int = 0,
-              head_rows: int = 0) -> Shapes:
+              head_rows: int = 0, head_vocab: int = 0) -> Shapes:
     """`config` is a ModelConfig or a model (then its LoRA settings and trainable parameters are used)."""
     from lora.inject import parse_targets
 
@@ -203,7 +208,7 @@ def shapes_of(config, batch: int, seq: int, lora: dict | None, trainable: str | 
                   I=c.intermediate_size, V=c.vocab_size, L=c.num_hidden_layers, r=lora["r"] if lora else 0,
                   targets=frozenset(parse_targets(lora["target_modules"])) if lora else frozenset(),
                   trainable=trainable or ("lora" if lora else "full"), qkv_bias=c.attention_bias, o_bias=c.o_proj_bias,
-                  keys=keys, head_rows=head_rows)
+                  keys=keys, head_rows=head_rows, head_vocab=head_vocab)
 
 
 def coursework_forward(s: Shapes) -> dict[str, int]:
@@ -226,7 +231,7 @@ def coursework_forward(s: Shapes) -> dict[str, int]:
     ops = {name: s.L * flops for name, flops in per_layer.items()}
     ops["rope"] += B * T * hd // 2 + 2 * 10 * B * T * hd  # angles, cos and sin: once per forward
     ops["final_norm"] = rmsnorm_cw(N, D)
-    ops["lm_head"] = matmul_cw(s.R, D, s.V)
+    ops["lm_head"] = matmul_cw(s.R, D, s.Vh)
     return ops
 
 
@@ -265,8 +270,8 @@ def hardware_passes(s: Shapes) -> tuple[dict[str, int], dict[str, int]]:
         grad = linear("o_proj", H * hd, D, q or k or v) or grad
         gate, up = (linear(name, d_in, d_out, grad) for name, d_in, d_out, _ in s.projections[4:6])
         grad = linear("down_proj", s.I, D, gate or up) or grad
-    fwd["lm_head"] = 2 * s.R * D * s.V
-    bwd["lm_head"] = 2 * s.R * D * s.V * (grad + full)
+    fwd["lm_head"] = 2 * s.R * D * s.Vh
+    bwd["lm_head"] = 2 * s.R * D * s.Vh * (grad + full)
     return fwd, bwd
 
 
@@ -287,17 +292,17 @@ CATEGORY = {"attention_scores": "attention", "attention_v": "attention", "lm_hea
 
 
 def count(config, batch: int, seq: int, lora: dict | None = None, trainable: str | None = None,
-          recompute: bool = False, keys: int = 0, head_rows: int = 0) -> Report:
+          recompute: bool = False, keys: int = 0, head_rows: int = 0, head_vocab: int = 0) -> Report:
     """FLOPs of one forward pass (and its backward) at batch x seq tokens, in both conventions.
 
     `config` is a ModelConfig or a model (then its LoRA settings and trainable parameters are used).
     `lora` is {"r": rank, "target_modules": [...]}; `trainable` is "lora" (base frozen, the default
     with LoRA), "full" (every parameter trains, the default without) or "none" (inference only).
     `recompute`: activation checkpointing per block, as `model.grad_checkpoint` does it. `keys` and
-    `head_rows` describe a pass with a KV cache (see `generation`).
+    `head_rows`, `head_vocab` describe a pass with a KV cache (see `generation`).
     """
     model_config = config.config if hasattr(config, "config") else config
-    s = shapes_of(config, batch, seq, lora, trainable, keys, head_rows)
+    s = shapes_of(config, batch, seq, lora, trainable, keys, head_rows, head_vocab)
     cw, (fwd, bwd) = coursework_forward(s), hardware_passes(s)
     rep = Report(config=model_config.to_dict(), batch=batch, seq=seq)
     for name in OP_ORDER:
@@ -315,15 +320,19 @@ def count(config, batch: int, seq: int, lora: dict | None = None, trainable: str
     return rep
 
 
-def generation(config, batch: int, prompt_len: int, decode_steps: int, lora: dict | None = None) -> dict:
-    """FLOPs of `model.generate` on a batch: a prefill over the (left-padded) prompt, then `decode_steps`
-    forward passes of one token each over the growing KV cache. Each pass sends only the last position
-    of every row through lm_head. Padding positions cost as much as text (they are computed), and the
-    sampling itself (a softmax over the vocabulary per new token) is not counted.
-    Returns {"coursework", "hardware"} for the whole generation."""
-    passes = [count(config, batch, prompt_len, lora, trainable="none", head_rows=batch)]
-    passes += [count(config, batch, 1, lora, trainable="none", keys=prompt_len + i + 1, head_rows=batch)
-               for i in range(decode_steps)]
+def generation(config, batch: int, prompt_len: int, decode_steps: int, lora: dict | None = None,
+               samples: int = 1, head_vocab: int = 0) -> dict:
+    """FLOPs of `model.generate` on a batch: a prefill of `batch` (left-padded) prompts, then
+    `decode_steps` forward passes of one token for each of the batch x `samples` rows over the growing
+    KV cache (every sample continues its prompt's cache; the prompt is not recomputed). Each pass sends
+    only the last position of every row through lm_head, and only its `head_vocab` allowed rows when
+    decoding is constrained (0: the whole vocabulary). Padding positions cost as much as text (they are
+    computed), and the sampling itself (a softmax per new token) is not counted.
+    The arguments are generate()'s `stats`. Returns {"coursework", "hardware"} for the whole generation."""
+    rows = batch * samples
+    passes = [count(config, batch, prompt_len, lora, trainable="none", head_rows=batch, head_vocab=head_vocab)]
+    passes += [count(config, rows, 1, lora, trainable="none", keys=prompt_len + i + 1, head_rows=rows,
+                     head_vocab=head_vocab) for i in range(decode_steps)]
     return {"coursework": sum(p.forward_coursework for p in passes), "hardware": sum(p.forward_hardware for p in passes)}
 
 

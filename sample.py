@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from common import UserError, parse_device, parse_dtype, run_cli
+from common import UserError, parse_device, run_cli, weights_dtype
 from model import DEFAULT_MODEL, generate, load_pretrained
 
 DEFAULT_PROMPT = "0.25,1.50;0.27,1.47;0.31,1.42;"
@@ -39,8 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CUDA, float32 on MPS and CPU")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--quantize", default=None, choices=["nf4"], help="store the projections in 4-bit NF4")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
@@ -62,7 +63,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = parse_device(args.device)
     torch.manual_seed(args.seed)
-    model, tok = load_pretrained(args.model, dtype=parse_dtype(args.dtype), device=device, quantize=args.quantize)
+    model, tok = load_pretrained(args.model, dtype=weights_dtype(args.dtype, device), device=device, quantize=args.quantize)
     if args.adapter:
         from lora import load_adapter
 

@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import distributed
 import flops
 import train
-from common import UserError, atomic_path, fsync, read_json, run_cli, write_json
+from common import UserError, atomic_path, fsync, read_json, run_cli, weights_dtype, write_json
 
 KINDS = ("train", "validation", "forecast")
 
@@ -59,7 +59,7 @@ def parse_args(argv=None):
     a("--horizon", type=int, default=20)
     a("--samples", type=int, default=1)
     a("--temperature", type=float, default=0.0)
-    a("--eval-batch-size", type=int, default=16)
+    a("--eval-batch-size", type=int, default=128, help="forecast rows decoded together (systems x samples)")
     a("--budget", type=float, default=1e17, help="FLOPs (coursework accounting) for the whole study")
     a("--dry-run", action="store_true", help="print the plan and stop")
     args = p.parse_args(argv)
@@ -70,8 +70,6 @@ def parse_args(argv=None):
         raise UserError("step counts must be >= 0 and --eval-systems at least 1")
     if args.samples > 1 and args.temperature == 0:
         raise UserError("--samples > 1 needs --temperature > 0 (greedy samples would all be the same)")
-    if distributed.launched_by_torchrun():
-        raise UserError("study.py runs in one process: launch it with python, not torchrun (train.py alone runs under torchrun)")
     if args.data and str(args.data).endswith(".jsonl"):
         raise UserError("study.py is the forecasting study (its test phase scores forecasts); train on chat data "
                         "with python train.py --data FILE.jsonl")
@@ -118,15 +116,19 @@ def projected_flops(args, run: dict) -> dict:
     costs = train.step_costs(model, targs, windows["val"], lora=cfg)
     evals = sum(train.eval_due(step, targs) for step in range(1, run["steps"] + 1))
     return {"train": run["steps"] * costs["train_step"], "validation": evals * costs["eval"],
-            "forecast": forecast_estimate(args, model, cfg, info["tokens_per_step"])}
+            "forecast": forecast_estimate(args, model, cfg, info["tokens_per_step"], tok)}
 
 
-def forecast_estimate(args, config, lora_cfg, step_tokens: int) -> int:
-    """Prompts of --eval-context-steps timesteps, --horizon timesteps generated, --samples each."""
-    requests = args.eval_systems * args.samples
-    batches = [min(args.eval_batch_size, requests - s) for s in range(0, requests, args.eval_batch_size)]
+def forecast_estimate(args, config, lora_cfg, step_tokens: int, tok) -> int:
+    """Prompts of --eval-context-steps timesteps, --horizon timesteps generated, --samples each, in the
+    calls eval.generate_forecasts makes (each prompt prefilled once; lm_head on the allowed tokens)."""
+    from eval import allowed_token_ids
+
+    per_call = max(1, args.eval_batch_size // args.samples)
+    calls = [min(per_call, args.eval_systems - s) for s in range(0, args.eval_systems, per_call)]
     return sum(flops.generation(config, b, args.eval_context_steps * step_tokens, args.horizon * step_tokens - 1,
-                                lora_cfg)["coursework"] for b in batches)
+                                lora_cfg, samples=args.samples, head_vocab=len(allowed_token_ids(tok)))["coursework"]
+               for b in calls)
 
 
 _PROJECTION, _DATA = {}, {}
@@ -184,25 +186,28 @@ def make_plan(args) -> list[tuple[dict, dict]]:
     lora_cfg = {"r": max(int(r["flags"].get("rank", train.DEFAULTS["rank"])) for r, _ in plan) if plan else 8,
                 "target_modules": train.DEFAULTS["targets"]}
     plan.append((test, {"train": 0, "validation": 0,
-                        "forecast": 2 * forecast_estimate(args, model, lora_cfg, step_tokens)}))
+                        "forecast": 2 * forecast_estimate(args, model, lora_cfg, step_tokens, tok)}))
     return plan
 
 
 # ------------------------------------------------------------------------------------------ ledger
 class Ledger:
     """OUT/ledger.jsonl: one line per booking {run, kind, coursework, hardware, ...}, at most one per
-    (run, kind), appended and fsynced as each is earned. A line torn by a kill is dropped on reading."""
+    (run, kind), appended and fsynced as each is earned. A line torn by a kill is dropped on reading.
+    Under torchrun rank 0 reads and writes the file; every process books the same lines in memory."""
 
-    def __init__(self, path: Path):
-        from checkpoints import rewind_log
+    def __init__(self, path: Path, group: distributed.Group = distributed.Group()):
+        self.path, self.lines, self.writes = path, [], group.is_main
+        if group.is_main:
+            from checkpoints import rewind_log
 
-        self.path, self.lines = path, []
-        for line in path.read_text().splitlines() if path.exists() else []:
-            try:
-                self.lines.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-        rewind_log(path, len(self.lines))
+            for line in path.read_text().splitlines() if path.exists() else []:
+                try:
+                    self.lines.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break
+            rewind_log(path, len(self.lines))
+        self.lines = group.broadcast(self.lines)
 
     def booked(self, run: str, kind: str) -> bool:
         return any(b["run"] == run and b["kind"] == kind for b in self.lines)
@@ -211,10 +216,11 @@ class Ledger:
         if self.booked(run, kind):
             return
         entry = {"run": run, "kind": kind, "coursework": int(coursework), "hardware": int(hardware), **detail}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-        fsync(self.path)
+        if self.writes:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+                f.flush()
+            fsync(self.path)
         self.lines.append(entry)
 
     def total(self, key: str = "coursework") -> int:
@@ -226,34 +232,43 @@ def run_folder(args, run: dict) -> Path:
     return Path(args.out) / "runs" / run["name"]
 
 
-def train_run(args, run: dict, projected: int, ledger: Ledger) -> Path:
-    """Train (or resume, or find finished) one run and book its training and validation FLOPs."""
+def train_run(args, run: dict, projected: int, ledger: Ledger, group: distributed.Group) -> Path:
+    """Train (or resume, or find finished) one run and book its training and validation FLOPs. Under
+    torchrun every process trains (train.py's own torchrun path); rank 0 reads the folder."""
     folder = run_folder(args, run)
     if not ledger.booked(run["name"], "train"):
         if ledger.total() + projected > args.budget:
             raise UserError(f"stopping before {run['name']}: {ledger.total():.4g} FLOPs used and it needs about "
                             f"{projected:.4g}, over the budget of {args.budget:.4g}")
-        argv = ["--resume", str(folder), "--steps", str(run["steps"])] if (folder / "config.json").exists() \
-            else train_argv(args, run, folder)
-        train.train(argv)
-        split = {kind: {"coursework": 0, "hardware": 0} for kind in ("train", "validation")}
-        previous = {"flops": 0, "flops_hardware": 0}
-        for rec in read_metrics(folder):
-            kind = "validation" if "val_loss" in rec else "train"
-            split[kind]["coursework"] += rec["flops"] - previous["flops"]
-            split[kind]["hardware"] += rec["flops_hardware"] - previous["flops_hardware"]
-            previous = rec
+        started = group.broadcast((folder / "config.json").exists() if group.is_main else None)
+        train.train(["--resume", str(folder), "--steps", str(run["steps"])] if started else train_argv(args, run, folder))
+        split = group.broadcast(flops_by_kind(folder) if group.is_main else None)
         for kind in ("train", "validation"):
             ledger.book(run["name"], kind, **split[kind])
     return folder
+
+
+def flops_by_kind(folder: Path) -> dict:
+    """A run's FLOPs from its metrics.jsonl, split into training steps and validation passes."""
+    split = {kind: {"coursework": 0, "hardware": 0} for kind in ("train", "validation")}
+    previous = {"flops": 0, "flops_hardware": 0}
+    for rec in read_metrics(folder):
+        kind = "validation" if "val_loss" in rec else "train"
+        split[kind]["coursework"] += rec["flops"] - previous["flops"]
+        split[kind]["hardware"] += rec["flops_hardware"] - previous["flops_hardware"]
+        previous = rec
+    return split
 
 
 def read_metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def forecast(args, name: str, model, tok, run_cfg: dict, split: str, ledger: Ledger) -> tuple[dict, object]:
-    """Forecast --eval-systems systems of a split with one model; book the FLOPs. (metrics, task)."""
+def forecast(args, name: str, model, tok, run_cfg: dict, split: str, ledger: Ledger,
+             group: distributed.Group) -> tuple[dict, object]:
+    """Forecast --eval-systems systems of a split with one model; book the FLOPs. (metrics, task).
+    Under torchrun each process forecasts a contiguous share of the systems (every sample draws from
+    its own seeded stream, so the forecasts do not depend on the split) and all gather the texts."""
     import eval as ev
     from data import Scaler, forecast_task
 
@@ -261,19 +276,24 @@ def forecast(args, name: str, model, tok, run_cfg: dict, split: str, ledger: Led
     values, _, _, _ = ev.evaluation_values(ns, {name: (None, run_cfg)})
     scaler, decimals = Scaler.from_dict(run_cfg["scaler"]), int(run_cfg["args"]["decimals"])
     task = forecast_task(values, scaler, decimals, args.eval_context_steps, args.horizon)
+    start, end = group.span(len(task.prompts))
     used = {}
-    texts = ev.generate_forecasts(model, tok, task.prompts, args.horizon, decimals, args.samples, args.temperature,
-                                  args.eval_batch_size, seed=0, flops_used=used)
+    texts = ev.generate_forecasts(model, tok, task.prompts[start:end], args.horizon, decimals, args.samples,
+                                  args.temperature, args.eval_batch_size, seed=0, flops_used=used, first=start)
+    shares = group.all_gather((texts, used))
+    texts = [t for share, _ in shares for t in share]
     metrics = ev.evaluate_forecasts(texts, task, scaler, decimals, args.horizon)
-    ledger.book(name, "forecast", used.get("coursework", 0), used.get("hardware", 0), passes=used.get("passes", []))
+    ledger.book(name, "forecast", *(sum(u.get(k, 0) for _, u in shares) for k in ("coursework", "hardware")),
+                passes=[p for _, u in shares for p in u.get("passes", [])])
     return metrics, task
 
 
-def judge(args, run: dict, folder: Path, base, tok, ledger: Ledger) -> dict:
+def judge(args, run: dict, folder: Path, base, tok, ledger: Ledger, group: distributed.Group) -> dict:
     """A run's record: settings, FLOPs, validation loss and forecast errors (cached in its folder)."""
     cached = folder / "study_eval.json"
-    if cached.exists():
-        return read_json(cached, what="study evaluation")
+    record = group.broadcast(read_json(cached, what="study evaluation") if group.is_main and cached.exists() else None)
+    if record is not None:
+        return record
     import copy
 
     import lora
@@ -282,25 +302,27 @@ def judge(args, run: dict, folder: Path, base, tok, ledger: Ledger) -> dict:
     model = copy.deepcopy(base)
     lora.load_adapter(model, folder)
     model.eval()
-    metrics, _ = forecast(args, run["name"], model, tok, cfg, "val", ledger)
-    vals = [r for r in read_metrics(folder) if "val_loss" in r]
-    spent = {k: sum(b[k] for b in ledger.lines if b["run"] == run["name"]) for k in ("coursework", "hardware")}
-    record = {**run, "val_loss": vals[-1]["val_loss"], "val_mae": metrics["mae"], "val_mse": metrics["mse"],
-              "val_invalid": metrics["invalid"], "flops": spent,
-              "curve": [{"step": r["step"], "val_loss": r["val_loss"], "flops": r["flops"]} for r in vals]}
-    write_json(cached, record)
-    return record
+    metrics, _ = forecast(args, run["name"], model, tok, cfg, "val", ledger, group)
+    if group.is_main:
+        vals = [r for r in read_metrics(folder) if "val_loss" in r]
+        spent = {k: sum(b[k] for b in ledger.lines if b["run"] == run["name"]) for k in ("coursework", "hardware")}
+        record = {**run, "val_loss": vals[-1]["val_loss"], "val_mae": metrics["mae"], "val_mse": metrics["mse"],
+                  "val_invalid": metrics["invalid"], "flops": spent,
+                  "curve": [{"step": r["step"], "val_loss": r["val_loss"], "flops": r["flops"]} for r in vals]}
+        write_json(cached, record)
+    return group.broadcast(record)
 
 
 # ------------------------------------------------------------------------------------------ phases
-def run_phase(args, runs_and_costs, base, tok, ledger: Ledger) -> list[dict]:
+def run_phase(args, runs_and_costs, base, tok, ledger: Ledger, group: distributed.Group) -> list[dict]:
     records = []
     for run, cost in runs_and_costs:
-        folder = train_run(args, run, cost["train"] + cost["validation"], ledger)
-        records.append(judge(args, run, folder, base, tok, ledger))
+        folder = train_run(args, run, cost["train"] + cost["validation"], ledger, group)
+        records.append(judge(args, run, folder, base, tok, ledger, group))
         r = records[-1]
-        print(f"{run['name']}: val loss {r['val_loss']:.4f}, val MAE {r['val_mae']:.4f}, MSE {r['val_mse']:.4f}; "
-              f"{r['flops']['coursework']:.3e} FLOPs; study {ledger.total():.3e} / {args.budget:.3g}", file=sys.stderr)
+        if group.is_main:
+            print(f"{run['name']}: val loss {r['val_loss']:.4f}, val MAE {r['val_mae']:.4f}, MSE {r['val_mse']:.4f}; "
+                  f"{r['flops']['coursework']:.3e} FLOPs; study {ledger.total():.3e} / {args.budget:.3g}", file=sys.stderr)
     return records
 
 
@@ -308,7 +330,7 @@ def best_of(args, records: list[dict]) -> dict:
     return min(records, key=lambda r: (r[args.select], r["name"]))
 
 
-def test_phase(args, final: dict, base, tok, ledger: Ledger) -> dict:
+def test_phase(args, final: dict, base, tok, ledger: Ledger, group: distributed.Group) -> dict:
     """The final adapter, the untrained model and both naive baselines on the same test systems."""
     import copy
 
@@ -319,8 +341,8 @@ def test_phase(args, final: dict, base, tok, ledger: Ledger) -> dict:
     model = copy.deepcopy(base)
     lora.load_adapter(model, run_folder(args, final))
     model.eval()
-    tuned, task = forecast(args, "test-" + final["name"], model, tok, cfg, "test", ledger)
-    untrained, _ = forecast(args, "test-untrained", base, tok, cfg, "test", ledger)
+    tuned, task = forecast(args, "test-" + final["name"], model, tok, cfg, "test", ledger, group)
+    untrained, _ = forecast(args, "test-untrained", base, tok, cfg, "test", ledger, group)
     keep = ("mae", "mse", "rmse", "prey", "predator", "per_step", "invalid", "short")
     results = {final["name"]: {k: tuned[k] for k in keep}, "untrained": {k: untrained[k] for k in keep},
                "naive_last": ev.error_metrics(ev.naive_last(task.context, args.horizon), task.target),
@@ -330,9 +352,25 @@ def test_phase(args, final: dict, base, tok, ledger: Ledger) -> dict:
 
 
 def main(argv=None) -> dict:
+    """The study; under torchrun every process joins once, trains each run together with the others
+    (train.py's torchrun path), forecasts its share of the systems, and rank 0 writes the ledger and
+    the outputs."""
+    from common import parse_device
+
     args = parse_args(argv)
     plan = make_plan(args)
-    total = print_plan(args, plan, " (context and final runs at their most expensive setting)")
+    targs = train.resolve_args(train_argv(args, plan[0][0], Path(args.out)))[0]  # forecasts run as the runs do
+    group, device = (distributed.Group(), None) if args.dry_run else distributed.init(parse_device(targs.device))
+    try:
+        return run_study(args, plan, targs, group, device)
+    finally:
+        distributed.shutdown()
+
+
+def run_study(args, plan, targs, group: distributed.Group, device) -> dict:
+    total = sum(sum(cost.values()) for _, cost in plan)
+    if group.is_main:
+        print_plan(args, plan, " (context and final runs at their most expensive setting)")
     if total > args.budget:
         per_step = sum(c["train"] for r, c in plan if r["steps"]) / max(1, sum(r["steps"] for r, _ in plan))
         fit = int(max(0, args.budget - sum(c["validation"] + c["forecast"] for _, c in plan)) // per_step)
@@ -340,33 +378,33 @@ def main(argv=None) -> dict:
                         f"training steps in all would fit (now {sum(r['steps'] for r, _ in plan):,}); lower the step counts")
     if args.dry_run:
         return {"plan": [{"run": r["name"], **c} for r, c in plan], "total": total}
-    from common import parse_device
     from model import load_pretrained
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger(out / "ledger.jsonl")
-    targs = train.resolve_args(train_argv(args, plan[0][0], out))[0]  # forecasts run as the training runs do
-    device = parse_device(targs.device)
-    base, tok = load_pretrained(args.model, dtype=train.weights_dtype(targs.dtype, device), device=device,
+    if group.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    group.barrier()
+    ledger = Ledger(out / "ledger.jsonl", group)
+    base, tok = load_pretrained(args.model, dtype=weights_dtype(targs.dtype, device), device=device,
                                 quantize=targs.quantize)
-    grid = run_phase(args, [(r, c) for r, c in plan if r["phase"] == "grid"], base, tok, ledger)
+    grid = run_phase(args, [(r, c) for r, c in plan if r["phase"] == "grid"], base, tok, ledger, group)
     best = best_of(args, grid) if grid else {"flags": {}, "name": "defaults"}
     context_plan = [({**r, "flags": {**best["flags"], "context_length": r["flags"]["context_length"]}}, c)
                     for r, c in plan if r["phase"] == "context"]
-    context = run_phase(args, context_plan, base, tok, ledger)
+    context = run_phase(args, context_plan, base, tok, ledger, group)
     best_all = best_of(args, grid + context) if grid + context else best
     final_plan = [({**r, "flags": best_all["flags"]}, c) for r, c in plan if r["phase"] == "final"]
-    final = run_phase(args, final_plan, base, tok, ledger)
+    final = run_phase(args, final_plan, base, tok, ledger, group)
     chosen = final[0] if final else best_all
     if chosen.get("name") == "defaults":
         raise UserError("nothing to test: every training phase has 0 steps")
-    test = test_phase(args, chosen, base, tok, ledger)
-    return write_outputs(args, plan, grid, context, final, best, best_all, test, ledger)
+    test = test_phase(args, chosen, base, tok, ledger, group)
+    return write_outputs(args, plan, grid, context, final, best, best_all, test, ledger, group)
 
 
 # ----------------------------------------------------------------------------------------- outputs
-def write_outputs(args, plan, grid, context, final, best, best_all, test, ledger: Ledger) -> dict:
+def write_outputs(args, plan, grid, context, final, best, best_all, test, ledger: Ledger,
+                  group: distributed.Group = distributed.Group()) -> dict:
     strip = lambda r: {k: v for k, v in r.items() if k != "curve"}  # noqa: E731
     report = {
         "settings": {k: v for k, v in vars(args).items() if k != "dry_run"},
@@ -377,6 +415,8 @@ def write_outputs(args, plan, grid, context, final, best, best_all, test, ledger
                   "by_run": flop_table(ledger)},
     }
     out = Path(args.out)
+    if not group.is_main:
+        return report
     write_json(out / "study.json", report)
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(results_markdown(args, grid, context, report))

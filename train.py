@@ -45,8 +45,8 @@ import distributed
 import flops
 import lora
 from checkpoints import latest_checkpoint, remove_partial, rewind_log, write_checkpoint
-from common import (UserError, deferred_interrupts, parse_device, parse_dtype, read_json, reuse_freed_memory,
-                    run_cli, sigterm_as_interrupt, write_json)
+from common import (UserError, deferred_interrupts, parse_device, read_json, reuse_freed_memory, run_cli,
+                    sigterm_as_interrupt, weights_dtype, write_json)
 import eval_prompts
 from data import TrainingData, forecasting_data, load_trajectories
 from data.chat import chat_data
@@ -95,7 +95,7 @@ FLAGS = (  # (flag, default, help, argparse keywords). Every flag parses to None
     ("--max-flops", 1e17, "FLOP budget (coursework accounting)", {"type": float}),
     ("--dtype", "auto", "storage of the frozen weights; auto: float32 on CPU, bfloat16 (+ autocast) on CUDA",
      {"choices": ["auto", "float32", "bfloat16"]}),
-    ("--device", "auto", "cpu, cuda, cuda:N or auto", {}),
+    ("--device", "auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps", {}),
     ("--grad-checkpoint", False, "recompute activations in the backward pass", ON_OFF),
     ("--compile", False, "torch.compile each block (fuses the elementwise work; needs a C++ compiler on CPU)", ON_OFF),
     ("--loss-chunk", 512, "rows of logits formed at once by the loss", {"type": int}),
@@ -386,11 +386,6 @@ class Run:
         return eval_due(step, self.args)
 
 
-def weights_dtype(name: str, device: torch.device) -> torch.dtype:
-    """--dtype: auto is bf16 on CUDA (with autocast), fp32 elsewhere."""
-    return parse_dtype(name) if name != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def setup(args, saved: dict | None) -> Run:
     """Model, LoRA, data, optimizer and FLOP costs; on --resume, the newest checkpoint restored."""
     check_args(args)
@@ -603,10 +598,12 @@ def answered_after(run: Run) -> bool:
 
 def train(argv=None) -> dict:
     """One run; under torchrun, this process's part of it (see distributed.py)."""
+    caller_joined = distributed.joined()  # study.py keeps its group across runs
     try:
         return train_process(argv)
     finally:
-        distributed.shutdown()
+        if not caller_joined:
+            distributed.shutdown()
 
 
 def train_process(argv) -> dict:

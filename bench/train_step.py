@@ -2,10 +2,13 @@
 
     python bench/train_step.py                    # ours only
     python bench/train_step.py --reference        # ours and transformers + PEFT, alternating
+    python bench/train_step.py --reference --plain-loss --batch 2 --seq 256   # the model and LoRA alone
 
 Ours is the exact step train.py takes (`train.optimizer_step`: chunked loss, backward, clipping, our
 AdamW); the reference is Qwen2ForCausalLM + PEFT LoRA with `labels=` loss, backward, clipping and
-torch.optim.AdamW. Both: LoRA r=8, alpha 16 on q_proj and v_proj, batch x seq tokens without padding.
+torch.optim.AdamW. `--plain-loss` gives both sides the same plain loss instead (full (B, T, V)
+logits, `F.cross_entropy` in fp32, backward, clipping, AdamW step) and both sides train.py's malloc
+setting, so what differs is the model and LoRA alone. Both: LoRA r=8, alpha 16 on q_proj and v_proj, batch x seq tokens without padding.
 Each side lives in its own process (so each one's peak memory is its own) and the parent alternates
 steps between them after the warm-up. Printed per side: median and min seconds per step, tokens/s,
 achieved FLOP/s (flops.py's hardware count of the step), its share of this machine's measured matmul
@@ -54,11 +57,16 @@ def build_reference(dtype, device):
     return model, torch.optim.AdamW(params, lr=1e-4)
 
 
+def plain_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over full logits (B, T, V), in fp32: the same on both sides."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
 def worker(side: str, conn, dtype_name: str, device_name: str, batch: int, seq: int, threads: int | None,
-           reuse_memory: bool, grad_checkpoint: bool, compile_blocks: bool):
+           reuse_memory: bool, grad_checkpoint: bool, compile_blocks: bool, plain: bool = False):
     if threads:
         torch.set_num_threads(threads)
-    if side != "reference" and reuse_memory:
+    if (side != "reference" or plain) and reuse_memory:
         from common import reuse_freed_memory
 
         reuse_freed_memory()  # as train.py does
@@ -81,6 +89,19 @@ def worker(side: str, conn, dtype_name: str, device_name: str, batch: int, seq: 
 
         def step():
             train.optimizer_step(model, opt, windows, [torch.arange(batch)], 1e-4, 1.0, autocast, 512)
+
+        if plain:
+            import lora
+
+            x, params = ids.to(device), list(lora.lora_parameters(model).values())
+
+            def step():
+                with autocast():
+                    loss = plain_loss(model(x), x)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad()
     else:
         model, opt = build_reference(dtype, device)
         x = ids.to(device)
@@ -90,7 +111,7 @@ def worker(side: str, conn, dtype_name: str, device_name: str, batch: int, seq: 
 
         def step():
             with autocast():
-                loss = model(input_ids=x, labels=x).loss
+                loss = plain_loss(model(input_ids=x).logits, x) if plain else model(input_ids=x, labels=x).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -122,6 +143,7 @@ def parse_args():
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reference", action="store_true")
+    p.add_argument("--plain-loss", action="store_true", help="the same plain loss on both sides: the model and LoRA alone")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--grad-checkpoint", action="store_true", help="ours with activation checkpointing")
@@ -153,7 +175,7 @@ def run_alternating(args, device, sides: list[str]) -> tuple[dict, dict]:
         parent, child = ctx.Pipe()
         procs[side] = ctx.Process(target=worker, args=(side, child, args.dtype, str(device), args.batch, args.seq,
                                                                      args.threads, not args.no_reuse_memory,
-                                                                     args.grad_checkpoint, args.compile))
+                                                                     args.grad_checkpoint, args.compile, args.plain_loss))
         procs[side].start()
         assert parent.recv() == "ready"
         conns[side] = parent
@@ -221,7 +243,7 @@ def main():
     peak = max(peak_before, peak_after)
     print(f"measured matmul peak after the steps {peak_after / 1e9:.1f} GFLOP/s; using {peak / 1e9:.1f}")
     record = {"bench": "train_step", "machine": info, "device": str(device), "dtype": args.dtype, "batch": args.batch,
-              "quantize": args.quantize,
+              "quantize": args.quantize, "plain_loss": args.plain_loss,
               "grad_checkpoint": args.grad_checkpoint, "compile": args.compile, "reuse_memory": not args.no_reuse_memory,
               "seq": args.seq, "step_flops_hardware": flops_of["ours"], "matmul_peak_flops": peak,
               "matmul_peak_flops_before_after": [peak_before, peak_after], "sides": {}}

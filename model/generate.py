@@ -41,26 +41,60 @@ def process_logits(logits: torch.Tensor, temperature: float = 0.0, top_k: int | 
     return logits
 
 
-def sample_next(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) processed logits -> (B,) token ids; temperature 0 is greedy."""
+def sample_next(logits: torch.Tensor, temperature: float,
+                generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """(B, V) processed logits -> (B,) indices; temperature 0 is greedy.
+
+    `generator` may be a list with one generator per row: each row then draws by inverting its CDF
+    with a uniform number from its own stream, so what a row samples depends on its own seed alone,
+    not on which batch (or process) it ran in."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    probs = logits.softmax(-1)  # (B, V)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    u = torch.stack([torch.rand((), generator=g, device=probs.device) for g in generator])  # (B,) in [0, 1)
+    cdf = probs.cumsum(-1)  # (B, V)
+    # the first index whose CDF exceeds u (right=True never lands on a token of probability 0)
+    index = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)  # (B,)
+    return index.clamp(max=probs.shape[-1] - 1)
+
+
+def restricted_head(model: Transformer, allowed: torch.Tensor | None):
+    """lm_head cut down to the allowed tokens' rows: (weight (A, D), bias (A,) or None), or None when
+    there is nothing to cut. Constrained decoding (LLMTIME's 15 tokens of 151,936) then skips the rest
+    of the vocabulary, a quarter of Qwen2.5-0.5B's work per token, and samples from the very same
+    distribution: a softmax over the allowed logits is the renormalised full one."""
+    head = model.lm_head
+    if allowed is None or type(head) is not torch.nn.Linear:
+        return None
+    return head.weight[allowed], None if head.bias is None else head.bias[allowed]
+
+
+def next_logits(model: Transformer, ids, pad_mask, cache, head) -> torch.Tensor:
+    """Logits (B, V) of the next token, or (B, A) over the allowed tokens when `head` is cut."""
+    if head is None:
+        return model(ids, pad_mask=pad_mask, cache=cache, last_only=True)[:, -1]  # (B, V)
+    h = model.hidden_states(ids, pad_mask, cache)[:, -1]  # (B, D)
+    return torch.nn.functional.linear(h, *head).float()  # (B, A)
 
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             samples: int = 1, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_ids: Sequence[int] = (), vocab_limit: int | None = None,
              allowed_ids: Sequence[int] | None = None, stop: Callable[[list[int]], bool] | None = None,
-             generator: torch.Generator | None = None, pad_id: int = 0,
+             generator: torch.Generator | Sequence[torch.Generator] | None = None, pad_id: int = 0,
              on_token: Callable[[int, int], None] | None = None, stats: dict | None = None) -> list[list[int]]:
-    """Continue each prompt; returns the new tokens per prompt (end tokens not included).
+    """Continue each prompt `samples` times; returns the new tokens per row (end tokens not included),
+    rows prompt-major: prompt i's samples are rows i * samples ... (i + 1) * samples - 1.
 
-    A row stops at any of `eos_ids`, when `stop(new_tokens)` says so, or after `max_new_tokens`.
+    Each prompt is prefilled once and its cache copied to its samples, which then decode as
+    independent rows. A row stops at any of `eos_ids`, when `stop(new_tokens)` says so, or after
+    `max_new_tokens`. `generator`: one for the batch, or one per row (see `sample_next`).
     `on_token(row, token)` is called as tokens arrive (for streaming). `stats`, if given, receives the
-    work done: {"batch", "prompt_len" (padded), "decode_steps"} (what flops.generation counts).
+    work done, flops.generation's arguments: {"batch", "prompt_len" (padded), "decode_steps",
+    "samples", "head_vocab" (lm_head rows computed per token)}.
     """
     device = next(model.parameters()).device
     dtype = model.model.embed_tokens.weight.dtype
@@ -74,17 +108,26 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
         pad_mask[i, T - len(p):] = True
     ids, pad_mask = ids.to(device), pad_mask.to(device)
     allowed = torch.tensor(list(allowed_ids), device=device) if allowed_ids is not None else None
+    head = restricted_head(model, allowed)
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
 
     cache = KVCache(model.config, B, T + max_new_tokens, dtype, device)
-    logits = model(ids, pad_mask=None if pad_mask.all() else pad_mask, cache=cache, last_only=True)[:, -1]
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    logits = next_logits(model, ids, None if pad_mask.all() else pad_mask, cache, head)  # (B, V or A)
+    if samples > 1:  # every sample starts from its prompt's cache and logits
+        cache.repeat_rows(samples)
+        logits = logits.repeat_interleave(samples, dim=0)  # (B * samples, V or A)
+    rows = B * samples
+    out: list[list[int]] = [[] for _ in range(rows)]
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
     if stats is not None:
-        stats.update(batch=B, prompt_len=T, decode_steps=0)
+        stats.update(batch=B, prompt_len=T, decode_steps=0, samples=samples,
+                     head_vocab=len(allowed) if head is not None else 0)
     for step in range(max_new_tokens):
-        logits = process_logits(logits, temperature, top_k, top_p, vocab_limit, allowed)
-        token = sample_next(logits, temperature, generator)  # (B,)
+        if head is None:
+            logits = process_logits(logits, temperature, top_k, top_p, vocab_limit, allowed)
+            token = sample_next(logits, temperature, generator)  # (rows,)
+        else:  # the logits are the allowed tokens' already
+            token = allowed[sample_next(process_logits(logits, temperature, top_k, top_p), temperature, generator)]
         is_end = torch.isin(token, eos) & ~done
         for i in torch.nonzero(~done & ~is_end).flatten().tolist():
             out[i].append(int(token[i]))
@@ -95,7 +138,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
         done |= is_end
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        logits = model(token[:, None], cache=cache, last_only=True)[:, -1]  # (B, V)
+        logits = next_logits(model, token[:, None], None, cache, head)  # (rows, V or A)
         if stats is not None:
             stats["decode_steps"] += 1
     return out

@@ -92,6 +92,14 @@ class KVCache:
         self.length = start + T
         return positions, self.key_valid[:, : start + T]
 
+    def repeat_rows(self, n: int) -> None:
+        """Each row becomes n consecutive copies (row i -> rows i*n ... i*n + n - 1): one prefill, then
+        n continuations that decode independently from the same prompt."""
+        self.k = [k.repeat_interleave(n, dim=0) for k in self.k]  # (B * n, K, L_max, hd)
+        self.v = [v.repeat_interleave(n, dim=0) for v in self.v]
+        self.key_valid = self.key_valid.repeat_interleave(n, dim=0)  # (B * n, L_max)
+        self.next_pos = self.next_pos.repeat_interleave(n, dim=0)  # (B * n,)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
         """Write this chunk's keys/values at [start, start + T) and return all keys/values so far."""
         end = start + k.shape[2]

@@ -26,9 +26,9 @@ def chat_args(tmp_path):
             "--eval-batches", "2", "--lr", "3e-3", "--targets", "all", "--pack"]
 
 
-def torchrun(n: int, argv, timeout=180, **kw):
-    """train.py under `torchrun --standalone --nproc_per_node n`, one thread per process."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "train.py", *map(str, argv)]
+def torchrun(n: int, argv, timeout=180, script="train.py", **kw):
+    """`script` under `torchrun --standalone --nproc_per_node n`, one thread per process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), script, *map(str, argv)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
 
@@ -118,11 +118,33 @@ def test_a_crash_in_one_process_ends_the_others(tmp_path):
             launcher.kill()
 
 
-def test_study_py_says_it_runs_in_one_process(monkeypatch):
+def test_study_under_torchrun_equals_one_process(tmp_path):
+    """The whole study with 2 processes: the same runs, losses, choices and forecasts as with one (the
+    forecast systems split 3 + 2 between the processes, sampled), one ledger, outputs written once."""
     import study
-    from common import UserError
 
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match="runs in one process"):
-        study.parse_args([])
+    argv = ["--model", "tiny", "--grid", "lr=1e-3,3e-3", "--grid-steps", "3", "--context-lengths", "48",
+            "--context-length-steps", "2", "--final-steps", "3", "--eval-systems", "5", "--eval-context-steps", "5",
+            "--horizon", "3", "--samples", "2", "--temperature", "1", "--",
+            "--systems", "30", "--batch-size", "2", "--context-length", "64"]
+    one = study.main(["--out", str(tmp_path / "one"), *argv])
+    proc = torchrun(2, ["--out", tmp_path / "two", *argv], script="study.py", timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("study done") == 1 and proc.stdout.count("study plan") == 1
+    two = json.loads((tmp_path / "two" / "study.json").read_text())
+    assert [r["name"] for r in two["runs"]] == [r["name"] for r in one["runs"]]
+    for a, b in zip(one["runs"], two["runs"]):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-6)
+        assert b["val_mae"] == pytest.approx(a["val_mae"], abs=1e-6)
+    assert (two["best"], two["final"]) == (one["best"], one["final"])
+    for name, r in one["test"]["results"].items():
+        assert two["test"]["results"][name]["mae"] == pytest.approx(r["mae"], abs=1e-6)
+    ledger = [json.loads(line) for line in (tmp_path / "two" / "ledger.jsonl").read_text().splitlines()]
+    assert len({(b["run"], b["kind"]) for b in ledger}) == len(ledger)  # nothing booked twice
+    ones = {(b["run"], b["kind"]): b for b in study.Ledger(tmp_path / "one" / "ledger.jsonl").lines}
+    assert ones.keys() == {(b["run"], b["kind"]) for b in ledger}
+    for b in ledger:
+        if b["kind"] != "forecast":  # forecasts: the same systems, padded in other batches
+            assert b["coursework"] == ones[(b["run"], b["kind"])]["coursework"]
+    for r in two["runs"]:
+        assert json.loads((tmp_path / "two" / "runs" / r["name"] / "config.json").read_text())["processes"] == 2

@@ -103,6 +103,91 @@ def test_batched_generation_equals_one_at_a_time():
     assert len(sampled_b[0]) == 3
 
 
+def uncertain_model(dtype=torch.float32):
+    """The tiny model with its logits scaled down 20x: random weights are near-certain of one token,
+    and sampling tests need several likely ones."""
+    model = tiny_model(dtype)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(0.05)
+    return model
+
+
+def test_samples_continue_copies_of_their_prompts_cache():
+    """Prefill once and copy the cache to each sample == prefill every sample's own copy of the prompt,
+    token for token, when each row draws from the same stream (fp64: no rounding flips)."""
+    model, tok = uncertain_model(torch.float64), load_tokenizer("tiny")
+    allowed = ev.allowed_token_ids(tok)
+    prompts = [tok.encode("0.50,0.70;0.52,0.66;"), tok.encode("1.2,0.3;")]  # different lengths: left padding
+    S = 5
+
+    def streams():
+        return [torch.Generator().manual_seed(100 + r) for r in range(len(prompts) * S)]
+
+    shared = generate(model, prompts, 30, samples=S, temperature=1.0, allowed_ids=allowed, generator=streams())
+    copied = generate(model, [p for p in prompts for _ in range(S)], 30, temperature=1.0, allowed_ids=allowed,
+                      generator=streams())
+    assert shared == copied
+    assert len({tuple(row) for row in shared[:S]}) == S  # the samples went their own ways
+
+
+def test_constrained_head_computes_the_allowed_logits():
+    from model.generate import next_logits, restricted_head
+    from model.transformer import KVCache
+
+    model, tok = tiny_model(), load_tokenizer("tiny")
+    allowed = torch.tensor(ev.allowed_token_ids(tok))
+    ids = torch.tensor([tok.encode("0.50,0.70;0.52,")])
+    full = next_logits(model, ids, None, KVCache(model.config, 1, 20, torch.float32, "cpu"), None)
+    cut = next_logits(model, ids, None, KVCache(model.config, 1, 20, torch.float32, "cpu"), restricted_head(model, allowed))
+    torch.testing.assert_close(cut, full[:, allowed])
+
+
+def test_samples_of_one_system_are_independent_draws():
+    """First tokens of 6000 samples of one prompt: their frequencies match the model's distribution, and
+    neighbouring samples (which share a prefill) are independent of each other (chi-square tests)."""
+    from model.generate import process_logits
+
+    model, tok = uncertain_model(), load_tokenizer("tiny")
+    allowed = ev.allowed_token_ids(tok)
+    prompt = tok.encode("0.50,0.70;0.52,0.66;0.5")
+    n = 6000
+    streams = [torch.Generator().manual_seed(ev.row_seed(7, 0, j)) for j in range(n)]
+    first = torch.tensor([row[0] for row in generate(model, [prompt], 1, samples=n, temperature=1.0,
+                                                     allowed_ids=allowed, generator=streams)])
+    with torch.no_grad():
+        p = process_logits(model(torch.tensor([prompt]))[:, -1], 1.0, allowed_ids=torch.tensor(allowed)).softmax(-1)[0]
+    top = p.argsort(descending=True)[:3]  # the 3 likeliest tokens, and the rest as one class
+    classes = torch.full_like(first, 3)
+    for c, t in enumerate(top):
+        classes[first == t] = c
+    expected = torch.cat([p[top], 1 - p[top].sum(0, keepdim=True)]) * n
+    observed = torch.bincount(classes, minlength=4).double()
+    assert ((observed - expected) ** 2 / expected).sum() < 25  # chi-square, 3 dof: P(>25) ~ 1.6e-5
+    a, b = classes[0::2], classes[1::2]
+    table = torch.zeros(4, 4, dtype=torch.float64)
+    table.index_put_((a, b), torch.ones(len(a), dtype=torch.float64), accumulate=True)
+    independent = table.sum(1, keepdim=True) * table.sum(0, keepdim=True) / table.sum()
+    assert ((table - independent) ** 2 / independent).sum() < 40  # 9 dof: P(>40) ~ 7e-6
+
+
+def test_forecast_samples_do_not_depend_on_the_batch():
+    """A sample's draws come from its own seed: any batch size, or the prompts split in two (as over
+    processes), gives the same forecasts."""
+    model, tok = uncertain_model(torch.float64), load_tokenizer("tiny")
+    task = forecast_task(simulate(3, seed=2).values, Scaler(alpha=0.5), 2, context_steps=5, horizon=3)
+    prompts = [p[: 30 + 7 * i] for i, p in enumerate(task.prompts)]
+
+    def run(prompts, batch_size, first=0):
+        return ev.generate_forecasts(model, tok, prompts, 3, 2, samples=4, temperature=1.0, batch_size=batch_size,
+                                     seed=5, first=first)
+
+    whole = run(prompts, 12)
+    assert run(prompts, 4) == whole
+    assert run(prompts[:1], 64) + run(prompts[1:], 8, first=1) == whole
+    assert run(prompts, 12) == whole and ev.generate_forecasts(
+        model, tok, prompts, 3, 2, samples=4, temperature=1.0, batch_size=12, seed=6) != whole
+
+
 def test_cli_base_adapter_and_baselines_side_by_side(tmp_path, capsys):
     train.train(["--model", "tiny", "--systems", "30", "--context-length", "128", "--steps", "30", "--lr", "3e-3",
                  "--out", str(tmp_path / "run"), "--eval-every", "30"])

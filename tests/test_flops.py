@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 import flops
 import lora
@@ -135,9 +136,11 @@ def test_lora_and_optimizer_terms_by_hand():
     assert rep.train_step_coursework == 3 * (rep.forward_coursework + rep.loss_coursework) + 784
 
 
-@pytest.mark.parametrize("targets", [None, "q_proj,v_proj"])
-def test_generation_flops_equal_flop_counter(targets):
-    """Prefill over a left-padded batch, then one-token steps over the growing cache: counted exactly."""
+@pytest.mark.parametrize("targets,samples,allowed", [(None, 1, None), ("q_proj,v_proj", 1, None),
+                                                     ("q_proj,v_proj", 3, [7, 9, 11, 40])])
+def test_generation_flops_equal_flop_counter(targets, samples, allowed):
+    """Prefill over a left-padded batch, then one-token steps over the growing cache (each prompt's
+    samples continuing its cache, lm_head on the allowed tokens alone): counted exactly."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from model import generate
@@ -149,8 +152,11 @@ def test_generation_flops_equal_flop_counter(targets):
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
     stats = {}
     with FlopCounterMode(display=False) as counter:
-        generate(model, prompts, 6, stats=stats)
-    assert stats == {"batch": 2, "prompt_len": 7, "decode_steps": 5}  # the 6th token needs no forward pass
-    ours = flops.generation(model, stats["batch"], stats["prompt_len"], stats["decode_steps"])
+        generate(model, prompts, 6, samples=samples, allowed_ids=allowed, temperature=1.0,
+                 generator=torch.Generator().manual_seed(0), stats=stats)
+    # the 6th token needs no forward pass
+    assert stats == {"batch": 2, "prompt_len": 7, "decode_steps": 5, "samples": samples,
+                     "head_vocab": len(allowed) if allowed else 0}
+    ours = flops.generation(model, **stats)
     assert ours["hardware"] == counter.get_total_flops()
     assert ours["coursework"] > ours["hardware"] / 2

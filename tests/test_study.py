@@ -61,7 +61,7 @@ def test_ledger_total_is_its_lines_and_what_flops_py_recomputes(finished):
         if b["kind"] == "forecast":
             lora = None if b["run"] == "test-untrained" else run_lora(out, b["run"].removeprefix("test-"))
             for kind in ("coursework", "hardware"):
-                assert b[kind] == sum(flops.generation(cfg, *p, lora)[kind] for p in b["passes"])
+                assert b[kind] == sum(flops.generation(cfg, lora=lora, **p)[kind] for p in b["passes"])
             continue
         run = json.loads((out / "runs" / b["run"] / "config.json").read_text())["args"]
         rep = flops.count(cfg, run["batch_size"], run["context_length"], lora=run_lora(out, b["run"]), trainable="lora")

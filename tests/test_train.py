@@ -394,3 +394,19 @@ def test_reuse_freed_memory_takes_effect_on_glibc_and_respects_user_tunables(mon
         assert took_effect == (tunables is None)
     assert released[None] < 8 << 20  # kept: at most a few pages went back
     assert released["glibc.malloc.mmap_threshold=4194304"] > 56 << 20  # unmapped at once
+
+def test_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    import common
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(common, "mps_available", lambda: False)
+    assert common.parse_device("auto") == torch.device("cpu")
+    assert common.weights_dtype("auto", torch.device("cpu")) == torch.float32
+    with pytest.raises(UserError, match="no MPS"):
+        common.parse_device("mps")
+    monkeypatch.setattr(common, "mps_available", lambda: True)
+    assert common.parse_device("auto") == torch.device("mps")
+    assert common.weights_dtype("auto", torch.device("mps")) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert common.parse_device(None) == torch.device("cuda")
+    assert common.weights_dtype("auto", torch.device("cuda")) == torch.bfloat16
