@@ -5,7 +5,10 @@
 Batch 1, a 512-token prompt, 128 new tokens, greedy, KV cache. Prefill is timed as a generation of
 one token; decode as (time for 128 tokens - prefill) / 127. Decode is bound by memory bandwidth (every
 weight is read once per token), so the script also measures the machine's copy bandwidth and prints
-the rate that bound allows: bandwidth / bytes read per token. Results go to bench/results.jsonl.
+the rate that bound allows: bandwidth / bytes read per token. It also times the decode step's matrix-
+vector products alone (every weight once, batch 1, torch's F.linear): the ceiling torch's GEMV sets on
+this machine, below the copy bound when GEMV streams weights slower than a copy. Results go to
+bench/results.jsonl.
 """
 
 from __future__ import annotations
@@ -80,12 +83,35 @@ def decode_bound(ours, args, device) -> tuple[float, float]:
     return bandwidth, bandwidth / (weight_bytes + kv_bytes)
 
 
-def report(args, record: dict, results: dict, tokens: dict, limit: float) -> None:
-    print(f"\n{'':<11}{'prefill tok/s':>15}{'decode tok/s':>14}{'of bound':>10}")
+def matvec_ceiling(ours, device, runs: int = 5) -> float:
+    """Tokens/s if a decode step were nothing but its matrix-vector products: every weight matrix of the
+    model once, in forward order, on a batch-1 input, through the same F.linear calls the forward makes
+    (cycling through all of them, so no matrix is still in cache). What torch's GEMV allows here."""
+    import torch.nn.functional as F
+
+    mats = [m.weight for m in ours.modules() if isinstance(m, torch.nn.Linear)]  # 7 per block, then lm_head
+    xs = {W.shape[1]: torch.randn(1, W.shape[1], dtype=W.dtype, device=device) for W in mats}
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(runs):
+            sync(device)
+            t = time.perf_counter()
+            for W in mats:
+                F.linear(xs[W.shape[1]], W)
+            sync(device)
+            best = min(best, time.perf_counter() - t)
+    nbytes = sum(W.numel() * W.element_size() for W in mats)
+    print(f"the model's matrix-vector products alone: {1 / best:.1f} tokens/s ({nbytes / best / 1e9:.1f} GB/s streamed)")
+    return 1 / best
+
+
+def report(args, record: dict, results: dict, tokens: dict, limit: float, ceiling: float) -> None:
+    print(f"\n{'':<11}{'prefill tok/s':>15}{'decode tok/s':>14}{'of bound':>10}{'of matvec ceiling':>19}")
     for side, r in results.items():
         pre, dec = statistics.median(r["prefill"]), statistics.median(r["decode"])
-        record["sides"][side] = {"prefill_tokens_per_s": pre, "decode_tokens_per_s": dec, "decode_share_of_bound": dec / limit}
-        print(f"{side:<11}{pre:>15.1f}{dec:>14.2f}{100 * dec / limit:>9.1f}%")
+        record["sides"][side] = {"prefill_tokens_per_s": pre, "decode_tokens_per_s": dec, "decode_share_of_bound": dec / limit,
+                                 "decode_share_of_matvec_ceiling": dec / ceiling}
+        print(f"{side:<11}{pre:>15.1f}{dec:>14.2f}{100 * dec / limit:>9.1f}%{100 * dec / ceiling:>18.1f}%")
     if args.reference:
         o, r = record["sides"]["ours"], record["sides"]["reference"]
         record["ratios"] = {"prefill": o["prefill_tokens_per_s"] / r["prefill_tokens_per_s"],
@@ -108,6 +134,7 @@ def main():
     info = machine()
     print(f"{info['cpu']} ({info['threads']} threads), torch {info['torch']}, device {device}, {args.dtype}")
     bandwidth, limit = decode_bound(ours, args, device)
+    ceiling = matvec_ceiling(ours, device)
     results, tokens = {s: {"prefill": [], "decode": []} for s in sides}, {}
     for i in range(args.warmup + args.runs):
         for side in sides:  # prefill = a generation of one token; decode = the rest of a full generation
@@ -119,8 +146,8 @@ def main():
             print(f"  {side:<9} run {i + 1}{' (warm-up)' if i < args.warmup else ''}: prefill {args.prompt / t1:.1f} "
                   f"tok/s, decode {(args.new - 1) / (tn - t1):.2f} tok/s", flush=True)
     record = {"bench": "generate", "machine": info, "device": str(device), "dtype": args.dtype, "prompt": args.prompt,
-              "new_tokens": args.new, "copy_bandwidth": bandwidth, "decode_bound_tokens_per_s": limit, "sides": {}}
-    report(args, record, results, tokens, limit)
+              "new_tokens": args.new, "copy_bandwidth": bandwidth, "decode_bound_tokens_per_s": limit, "matvec_ceiling_tokens_per_s": ceiling, "sides": {}}
+    report(args, record, results, tokens, limit, ceiling)
     append_result(record)
 
 

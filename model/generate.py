@@ -79,6 +79,20 @@ def next_logits(model: Transformer, ids, pad_mask, cache, head) -> torch.Tensor:
     return torch.nn.functional.linear(h, *head).float()  # (B, A)
 
 
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one (B, T) batch, padded on the left so that every row's last
+    token is at T - 1; and the (B, T) mask of real tokens."""
+    B, T = len(prompts), max(len(p) for p in prompts)
+    if min(len(p) for p in prompts) == 0:
+        raise ValueError("every prompt needs at least one token")
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    pad_mask = torch.zeros(B, T, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        pad_mask[i, T - len(p):] = True
+    return ids.to(device), pad_mask.to(device)
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              samples: int = 1, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -98,15 +112,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     """
     device = next(model.parameters()).device
     dtype = model.model.embed_tokens.weight.dtype
-    B, T = len(prompts), max(len(p) for p in prompts)
-    if min(len(p) for p in prompts) == 0:
-        raise ValueError("every prompt needs at least one token")
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    pad_mask = torch.zeros(B, T, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.tensor(list(p), dtype=torch.long)  # left padding
-        pad_mask[i, T - len(p):] = True
-    ids, pad_mask = ids.to(device), pad_mask.to(device)
+    ids, pad_mask = left_padded(prompts, pad_id, device)  # (B, T) each
+    (B, T), rows = ids.shape, len(prompts) * samples
     allowed = torch.tensor(list(allowed_ids), device=device) if allowed_ids is not None else None
     head = restricted_head(model, allowed)
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
@@ -116,7 +123,6 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     if samples > 1:  # every sample starts from its prompt's cache and logits
         cache.repeat_rows(samples)
         logits = logits.repeat_interleave(samples, dim=0)  # (B * samples, V or A)
-    rows = B * samples
     out: list[list[int]] = [[] for _ in range(rows)]
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     if stats is not None:

@@ -1,0 +1,87 @@
+"""Where a plain-loss LoRA step spends its time, ours and transformers + PEFT, by torch.profiler.
+
+    python bench/profile_step.py                      # fp32, batch 2 x 256
+    python bench/profile_step.py --dtype bfloat16 --batch 4 --seq 512 --rows 25
+
+The step of `bench/train_step.py --plain-loss` (full logits, fp32 cross-entropy, backward, clipping,
+AdamW), one warm-up step, then one profiled step per side. Printed per side: the operators with the most
+self CPU time, then the time grouped into matmuls, attention, elementwise work and the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import _util  # noqa: F401
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from _util import machine
+from train_step import build_ours, build_reference, plain_loss
+
+GROUPS = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"),
+    "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::_flash_attention"),
+    "copies and casts": ("aten::copy_", "aten::to", "aten::_to_copy", "aten::contiguous", "aten::clone", "aten::cat"),
+}
+
+
+def group_of(name: str) -> str:
+    for group, prefixes in GROUPS.items():
+        if name.startswith(prefixes):
+            return group
+    return "elementwise and other"
+
+
+def step_fn(side: str, dtype, batch: int, seq: int):
+    ids = torch.randint(0, 151643, (batch, seq), generator=torch.Generator().manual_seed(0))
+    if side == "ours":
+        import lora
+
+        model, opt = build_ours(dtype, torch.device("cpu"))
+        params, forward = list(lora.lora_parameters(model).values()), lambda: model(ids)
+    else:
+        model, opt = build_reference(dtype, torch.device("cpu"))
+        params, forward = [p for p in model.parameters() if p.requires_grad], lambda: model(input_ids=ids).logits
+
+    def step():
+        plain_loss(forward(), ids).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--rows", type=int, default=18)
+    args = p.parse_args()
+    from common import reuse_freed_memory
+
+    reuse_freed_memory()
+    info = machine()
+    print(f"{info['cpu']} ({info['threads']} threads), torch {info['torch']}, {args.dtype}, batch {args.batch} x {args.seq}")
+    for side in ("ours", "reference"):
+        step = step_fn(side, getattr(torch, args.dtype), args.batch, args.seq)
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events) / 1e6
+        print(f"\n{side}: {total:.2f} s of self CPU time in the step")
+        print(f"{'operator':<48}{'calls':>7}{'self s':>9}{'share':>8}")
+        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.rows]:
+            print(f"{e.key[:47]:<48}{e.count:>7}{e.self_cpu_time_total / 1e6:>9.3f}{e.self_cpu_time_total / 1e6 / total:>8.1%}")
+        groups = defaultdict(float)
+        for e in events:
+            groups[group_of(e.key)] += e.self_cpu_time_total / 1e6
+        print("  " + ", ".join(f"{g} {s:.2f} s" for g, s in sorted(groups.items(), key=lambda gs: -gs[1])))
+
+
+if __name__ == "__main__":
+    main()
