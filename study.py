@@ -3,6 +3,7 @@
     python study.py --dry-run                                   # the plan and its FLOPs; nothing runs
     python study.py --out runs/study                            # grid, context lengths, final run, test
     python study.py --grid lr=1e-4,3e-4 --grid rank=4,8 --grid-steps 60 -- --batch-size 2 --decimals 3
+    torchrun --standalone --nproc_per_node 2 study.py --out runs/study   # the same study, 2 processes
 
 Phases, each skipped when its step count is 0:
 1. grid: the cartesian product of the --grid flags (any train.py flag), --grid-steps each;
