@@ -125,11 +125,10 @@ def forecast_estimate(args, config, lora_cfg, step_tokens: int, tok) -> int:
     calls eval.generate_forecasts makes (each prompt prefilled once; lm_head on the allowed tokens)."""
     from eval import allowed_token_ids
 
-    per_call = max(1, args.eval_batch_size // args.samples)
+    per_call, head_vocab = max(1, args.eval_batch_size // args.samples), len(allowed_token_ids(tok))
     calls = [min(per_call, args.eval_systems - s) for s in range(0, args.eval_systems, per_call)]
     return sum(flops.generation(config, b, args.eval_context_steps * step_tokens, args.horizon * step_tokens - 1,
-                                lora_cfg, samples=args.samples, head_vocab=len(allowed_token_ids(tok)))["coursework"]
-               for b in calls)
+                                lora_cfg, samples=args.samples, head_vocab=head_vocab)["coursework"] for b in calls)
 
 
 _PROJECTION, _DATA = {}, {}
@@ -405,7 +404,7 @@ def run_study(args, plan, targs, group: distributed.Group, device) -> dict:
 
 # ----------------------------------------------------------------------------------------- outputs
 def write_outputs(args, plan, grid, context, final, best, best_all, test, ledger: Ledger,
-                  group: distributed.Group = distributed.Group()) -> dict:
+                  group: distributed.Group) -> dict:
     strip = lambda r: {k: v for k, v in r.items() if k != "curve"}  # noqa: E731
     report = {
         "settings": {k: v for k, v in vars(args).items() if k != "dry_run"},

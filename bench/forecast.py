@@ -27,6 +27,7 @@ so a side that stopped earlier by chance shows it. Results go to bench/results.j
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -68,22 +69,6 @@ def without_stops(ev, tok) -> None:
     tok.eos_ids = []
 
 
-def write_checkpoint(model, folder: Path, tokenizer_dir: Path) -> None:
-    """An HF-layout checkpoint of our random model, for the older code to load."""
-    import shutil
-
-    from safetensors.torch import save_file
-
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    cfg = {**QWEN_SHAPE, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "torch_dtype": "float32",
-           "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645}
-    (folder / "config.json").write_text(json.dumps(cfg))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (tokenizer_dir / name).exists():
-            shutil.copy(tokenizer_dir / name, folder / name)
-
-
 def prompts_of(args) -> list[str]:
     from data import Scaler, simulate
     from data.windows import forecast_task
@@ -119,7 +104,7 @@ from model import load_pretrained
 a = json.loads(sys.argv[2])
 model, tok = load_pretrained(a["checkpoint"], dtype=getattr(torch, a["dtype"]))
 model.eval()
-if a["full_length"]:
+if a["full_length"]:  # without_stops, in the older code
     ev.FORMAT_CHARS, tok.eos_ids = "0123456789.,", []
 prompts = json.loads(open(a["prompts"]).read())
 t = time.perf_counter()
@@ -133,7 +118,7 @@ def run_before(args, checkpoint: Path, prompts, work: Path) -> dict:
     tree = work / "before"
     tree.mkdir()
     archive = subprocess.run(["git", "archive", args.before], cwd=ROOT, capture_output=True, check=True).stdout
-    tarfile.open(fileobj=__import__("io").BytesIO(archive)).extractall(tree, filter="data")
+    tarfile.open(fileobj=io.BytesIO(archive)).extractall(tree, filter="data")
     (work / "prompts.json").write_text(json.dumps(prompts))
     spec = {"checkpoint": str(checkpoint), "prompts": str(work / "prompts.json"), "dtype": args.dtype,
             "horizon": args.horizon, "decimals": args.decimals, "samples": args.samples, "temperature": args.temperature,
@@ -198,13 +183,18 @@ def run_reference(args, model, tok, prompts) -> dict:
 def main():
     args = parse_args()
     import eval as ev
-    from model import load_pretrained, load_tokenizer
+    from model import load_pretrained, load_tokenizer, save_pretrained
 
     torch.manual_seed(0)
+    work = tempfile.TemporaryDirectory()
     if args.model:
         model, tok = load_pretrained(args.model)
+        checkpoint = Path(args.model)
     else:
         model, tok = random_qwen(), load_tokenizer(args.tokenizer)
+        checkpoint = Path(work.name) / "ckpt"
+        if "before" in args.sides:  # for the older code to load, with the tokenizer's own end tokens
+            save_pretrained(model, checkpoint, tok)
         without_stops(ev, tok)
     model.eval()
     prompts = prompts_of(args)
@@ -215,14 +205,9 @@ def main():
     print(f"{args.systems} systems x {args.samples} samples, prompts of {min(map(len, tok.encode_batch(prompts)))}-"
           f"{max(map(len, tok.encode_batch(prompts)))} tokens, horizon {args.horizon} steps, T={args.temperature}")
     results = {}
-    with tempfile.TemporaryDirectory() as work:
-        work = Path(work)
+    with work:
         if "before" in sides:
-            checkpoint = Path(args.model) if args.model else work / "ckpt"
-            if not args.model:
-                checkpoint.mkdir()
-                write_checkpoint(model, checkpoint, Path(args.tokenizer))
-            results["before"] = run_before(args, checkpoint, prompts, work)
+            results["before"] = run_before(args, checkpoint, prompts, Path(work.name))
             print(f"before ({args.before}): {results['before']}", flush=True)
     if "reference" in sides:
         results["reference"] = run_reference(args, model, tok, prompts)
