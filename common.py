@@ -148,8 +148,11 @@ def reuse_freed_memory() -> bool:
     32 MB straight back to the OS, and the next step faults every page in again, which on virtual
     machines costs seconds per step. Keeping them makes later steps reuse warm memory at the price
     of fragmentation: freed blocks stay resident between live ones, ~1.5 GB at Qwen2.5-0.5B's
-    4 x 512 step (README, Performance). A user who set glibc's malloc tunables chose otherwise (for
-    the leanest peak: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4194304`)
+    4 x 512 step (README, Performance). Both limits go as high as mallopt's int allows: blocks up to
+    2 GB come from the heap (a 4 x 512 step's full fp32 logits are 1.25 GB), and the top of the heap
+    is never trimmed (-1), since a step that frees over 2 GB at once would otherwise hand all of it
+    back and fault it in again next step. A user who set glibc's malloc tunables chose otherwise
+    (for the leanest peak: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4194304`)
     and is left alone. Returns whether the setting took effect.
     """
     if sys.platform != "linux" or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
@@ -160,8 +163,8 @@ def reuse_freed_memory() -> bool:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]  # an int: a larger value would wrap silently
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        INT_MAX = 2**31 - 1  # keep up to 2 GB of free memory at the top of the heap instead of trimming it
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, INT_MAX))
+        INT_MAX, NEVER = 2**31 - 1, -1  # mallopt(3): a trim threshold of -1 disables trimming
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, INT_MAX)) and bool(libc.mallopt(M_TRIM_THRESHOLD, NEVER))
     except (OSError, AttributeError):
         return False  # not glibc (musl, macOS): nothing to do
 

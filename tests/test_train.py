@@ -364,18 +364,23 @@ def rss():
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 took_effect = reuse_freed_memory()
-size = 64 << 20  # above glibc's default 32 MB mmap threshold
-p = libc.malloc(size)
-ctypes.memset(p, 1, size)
+blocks = []
+for size in map(int, sys.argv[1:]):
+    blocks.append(libc.malloc(size))
+    ctypes.memset(blocks[-1], 1, size)
 touched = rss()
-libc.free(ctypes.c_void_p(p))
+for p in blocks:
+    libc.free(ctypes.c_void_p(p))
 print(int(took_effect), touched - rss())
 """
 
 
 def test_reuse_freed_memory_takes_effect_on_glibc_and_respects_user_tunables(monkeypatch):
     """In a fresh process: a freed 64 MB block stays resident for reuse; glibc's default (or the user's
-    own malloc tunables, which are left alone) hands it back to the OS."""
+    own malloc tunables, which are left alone) hands it back to the OS. With room for it, also two
+    1.1 GB blocks: each is over 1 GiB and together they free 2.2 GB at the top of the heap, the sizes
+    of a 4 x 512 plain-loss step's logits, which an earlier setting (mmap above 1 GiB, trim above
+    2 GB) handed back every step."""
     import platform
 
     from common import reuse_freed_memory
@@ -389,11 +394,18 @@ def test_reuse_freed_memory_takes_effect_on_glibc_and_respects_user_tunables(mon
     released = {}
     for tunables in (None, "glibc.malloc.mmap_threshold=4194304"):
         env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | ({"GLIBC_TUNABLES": tunables} if tunables else {})
-        out = subprocess.run([sys.executable, "-c", RSS_PROBE], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(64 << 20)], cwd=ROOT, env=env, capture_output=True,
+                             text=True, check=True)
         took_effect, released[tunables] = map(int, out.stdout.split())
         assert took_effect == (tunables is None)
     assert released[None] < 8 << 20  # kept: at most a few pages went back
     assert released["glibc.malloc.mmap_threshold=4194304"] > 56 << 20  # unmapped at once
+    if os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >= 12 << 30:  # 2.2 GB touched: only with room
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        big = str(1100 << 20)
+        out = subprocess.run([sys.executable, "-c", RSS_PROBE, big, big], cwd=ROOT, env=env, capture_output=True,
+                             text=True, check=True)
+        assert int(out.stdout.split()[1]) < 8 << 20  # both kept for the next step
 
 def test_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch):
     import common
