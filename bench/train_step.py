@@ -141,7 +141,8 @@ def parse_args():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps first: the first two still fault in fresh memory (bench/profile_step.py counts)")
     p.add_argument("--reference", action="store_true")
     p.add_argument("--plain-loss", action="store_true", help="the same plain loss on both sides: the model and LoRA alone")
     p.add_argument("--device", default="auto")
