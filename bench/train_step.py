@@ -10,7 +10,9 @@ torch.optim.AdamW. `--plain-loss` gives both sides the same plain loss instead (
 logits, `F.cross_entropy` in fp32, backward, clipping, AdamW step) and both sides train.py's malloc
 setting, so what differs is the model and LoRA alone. Both: LoRA r=8, alpha 16 on q_proj and v_proj, batch x seq tokens without padding.
 Each side lives in its own process (so each one's peak memory is its own) and the parent alternates
-steps between them after the warm-up. Printed per side: median and min seconds per step, tokens/s,
+steps between them after the warm-up; `--one-at-a-time` times each side's process alone instead, for
+sizes where both sides' memory does not fit at once (each keeps its peak while idle: train.py's malloc
+setting keeps freed memory for the next step). Printed per side: median and min seconds per step, tokens/s,
 achieved FLOP/s (flops.py's hardware count of the step), its share of this machine's measured matmul
 peak, and peak memory (RSS on CPU, max allocated on CUDA); then ours / reference. Results are
 appended to bench/results.jsonl.
@@ -87,10 +89,10 @@ def worker(side: str, conn, dtype_name: str, device_name: str, batch: int, seq: 
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and dtype == torch.bfloat16 \
             else contextlib.nullcontext
 
-        def step():
-            train.optimizer_step(model, opt, windows, [torch.arange(batch)], 1e-4, 1.0, autocast, 512)
-
-        if plain:
+        if not plain:
+            def step():
+                train.optimizer_step(model, opt, windows, [torch.arange(batch)], 1e-4, 1.0, autocast, 512)
+        else:
             import lora
 
             x, params = ids.to(device), list(lora.lora_parameters(model).values())
@@ -149,6 +151,8 @@ def parse_args():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--grad-checkpoint", action="store_true", help="ours with activation checkpointing")
     p.add_argument("--compile", action="store_true", help="ours with torch.compile'd blocks")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="time each side alone instead of alternating (when both sides' memory does not fit at once)")
     p.add_argument("--no-reuse-memory", action="store_true",
                    help="leave glibc's default of returning freed memory to the OS (train.py keeps it)")
     p.add_argument("--quantize", default=None, choices=["nf4"],
@@ -168,37 +172,63 @@ def side_flops(args) -> dict[str, int]:
     return {"ours": step(args.grad_checkpoint), "ours-nf4": step(args.grad_checkpoint), "reference": step(False)}
 
 
-def run_alternating(args, device, sides: list[str]) -> tuple[dict, dict]:
-    """One process per side; warm-up, then alternate their steps. Returns (step times, peak memory)."""
-    ctx = mp.get_context("spawn")
-    procs, conns = {}, {}
-    for side in sides:  # start one at a time, so the two set-ups do not add up in memory
-        parent, child = ctx.Pipe()
-        procs[side] = ctx.Process(target=worker, args=(side, child, args.dtype, str(device), args.batch, args.seq,
-                                                                     args.threads, not args.no_reuse_memory,
-                                                                     args.grad_checkpoint, args.compile, args.plain_loss))
-        procs[side].start()
-        assert parent.recv() == "ready"
-        conns[side] = parent
-    times, peaks = {s: [] for s in sides}, {}
+def start_side(ctx, side: str, args, device):
+    """A worker process for one side, ready to step; returns (process, connection)."""
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=worker, args=(side, child, args.dtype, str(device), args.batch, args.seq, args.threads,
+                                            not args.no_reuse_memory, args.grad_checkpoint, args.compile,
+                                            args.plain_loss))
+    proc.start()
+    child.close()  # the worker holds the only other end: if it dies, recv() raises instead of waiting forever
+    ask(proc, parent, side, None)  # its "ready"
+    return proc, parent
+
+
+def ask(proc, conn, side: str, message):
+    """Send a message to a side's worker (None: only wait) and return its answer; a dead worker is one line."""
     try:
-        for side in sides:
-            conns[side].send("reset")
-            conns[side].recv()
-        for i in range(args.warmup + args.steps):
-            for side in sides:  # alternate, so both see the same machine state
-                conns[side].send("step")
-                t = conns[side].recv()
-                if i >= args.warmup:
-                    times[side].append(t)
-                print(f"  {side:<9} step {i + 1}{' (warm-up)' if i < args.warmup else ''}: {t:.2f} s", flush=True)
-        for side in sides:
-            conns[side].send("peak")
-            peaks[side] = conns[side].recv()
-    finally:
-        for side in sides:
-            conns[side].send("stop")
-            procs[side].join()
+        if message is not None:
+            conn.send(message)
+        return conn.recv()
+    except (EOFError, BrokenPipeError):
+        proc.join(timeout=10)
+        killed = " (killed: most likely out of memory)" if proc.exitcode == -9 else ""
+        raise SystemExit(f"the {side} process died with exit code {proc.exitcode}{killed}; if the two sides' "
+                         f"memory does not fit at once, run them one after the other with --one-at-a-time")
+
+
+def timed_steps(args, procs: dict, conns: dict, times: dict) -> None:
+    """Warm-up, then the timed steps, alternating between the sides given."""
+    for side in procs:
+        ask(procs[side], conns[side], side, "reset")
+    for i in range(args.warmup + args.steps):
+        for side in procs:  # alternate, so both see the same machine state
+            t = ask(procs[side], conns[side], side, "step")
+            if i >= args.warmup:
+                times[side].append(t)
+            print(f"  {side:<9} step {i + 1}{' (warm-up)' if i < args.warmup else ''}: {t:.2f} s", flush=True)
+
+
+def run_sides(args, device, sides: list[str]) -> tuple[dict, dict]:
+    """One process per side; warm-up, then alternate their steps (or, with --one-at-a-time, each side's
+    process alone: it holds its peak memory while idle, since train.py's malloc setting keeps freed
+    memory, so two large sides may not fit together). Returns (step times, peak memory)."""
+    ctx = mp.get_context("spawn")
+    times, peaks = {s: [] for s in sides}, {}
+    groups = [[s] for s in sides] if args.one_at_a_time else [sides]
+    for group in groups:
+        procs, conns = {}, {}
+        try:
+            for side in group:  # start one at a time, so the two set-ups do not add up in memory
+                procs[side], conns[side] = start_side(ctx, side, args, device)
+            timed_steps(args, procs, conns, times)
+            for side in group:
+                peaks[side] = ask(procs[side], conns[side], side, "peak")
+        finally:
+            for side in procs:
+                if procs[side].is_alive():
+                    conns[side].send("stop")
+                procs[side].join()
     return times, peaks
 
 
@@ -238,14 +268,15 @@ def main():
     print(f"measured matmul peak {peak_before / 1e9:.1f} GFLOP/s; one step = {flops_of['ours'] / 1e12:.3f} TFLOP "
           f"(flops.py, hardware)")
     sides = ["ours"] + (["ours-nf4"] if args.quantize else []) + (["reference"] if args.reference else [])
-    times, peaks = run_alternating(args, device, sides)
+    times, peaks = run_sides(args, device, sides)
     # a shared virtual machine's speed drifts: the ceiling is the best of a measurement before and after
     peak_after = matmul_peak(dtype, device, size=peak_size)
     peak = max(peak_before, peak_after)
     print(f"measured matmul peak after the steps {peak_after / 1e9:.1f} GFLOP/s; using {peak / 1e9:.1f}")
     record = {"bench": "train_step", "machine": info, "device": str(device), "dtype": args.dtype, "batch": args.batch,
               "quantize": args.quantize, "plain_loss": args.plain_loss,
-              "grad_checkpoint": args.grad_checkpoint, "compile": args.compile, "reuse_memory": not args.no_reuse_memory,
+              "grad_checkpoint": args.grad_checkpoint, "compile": args.compile, "one_at_a_time": args.one_at_a_time,
+              "reuse_memory": not args.no_reuse_memory,
               "seq": args.seq, "step_flops_hardware": flops_of["ours"], "matmul_peak_flops": peak,
               "matmul_peak_flops_before_after": [peak_before, peak_after], "sides": {}}
     report(args, record, flops_of, times, peaks, peak)
