@@ -23,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from _util import QWEN_SHAPE, machine
-from train_step import build_ours, build_reference, plain_loss
+from train_step import build_ours, build_reference, plain_step
 
 GROUPS = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"),
@@ -45,18 +45,9 @@ def step_fn(side: str, dtype, batch: int, seq: int):
         import lora
 
         model, opt = build_ours(dtype, torch.device("cpu"))
-        params, forward = list(lora.lora_parameters(model).values()), lambda: model(ids)
-    else:
-        model, opt = build_reference(dtype, torch.device("cpu"))
-        params, forward = [p for p in model.parameters() if p.requires_grad], lambda: model(input_ids=ids).logits
-
-    def step():
-        plain_loss(forward(), ids).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad()
-
-    return step
+        return plain_step(model, ids, list(lora.lora_parameters(model).values()), opt)
+    model, opt = build_reference(dtype, torch.device("cpu"))
+    return plain_step(lambda x: model(input_ids=x).logits, ids, [p for p in model.parameters() if p.requires_grad], opt)
 
 
 def floor_seconds(events, vocab: int) -> float:

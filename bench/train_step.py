@@ -21,6 +21,7 @@ appended to bench/results.jsonl.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import time
 
@@ -64,6 +65,20 @@ def plain_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
+def plain_step(logits_of, ids: torch.Tensor, params: list, opt, autocast=contextlib.nullcontext):
+    """The --plain-loss step, the same on both sides: plain loss of `logits_of(ids)`, backward, clipping,
+    optimizer step."""
+    def step():
+        with autocast():
+            loss = plain_loss(logits_of(ids), ids)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
 def worker(side: str, conn, dtype_name: str, device_name: str, batch: int, seq: int, threads: int | None,
            reuse_memory: bool, grad_checkpoint: bool, compile_blocks: bool, plain: bool = False):
     if threads:
@@ -76,8 +91,6 @@ def worker(side: str, conn, dtype_name: str, device_name: str, batch: int, seq: 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 151643, (batch, seq), generator=g)
     if side in ("ours", "ours-nf4"):
-        import contextlib
-
         import train
         from data.windows import TokenWindows
 
@@ -89,35 +102,29 @@ def worker(side: str, conn, dtype_name: str, device_name: str, batch: int, seq: 
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and dtype == torch.bfloat16 \
             else contextlib.nullcontext
 
-        if not plain:
-            def step():
-                train.optimizer_step(model, opt, windows, [torch.arange(batch)], 1e-4, 1.0, autocast, 512)
-        else:
+        if plain:
             import lora
 
-            x, params = ids.to(device), list(lora.lora_parameters(model).values())
-
+            step = plain_step(model, ids.to(device), list(lora.lora_parameters(model).values()), opt, autocast)
+        else:
             def step():
-                with autocast():
-                    loss = plain_loss(model(x), x)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                opt.zero_grad()
+                train.optimizer_step(model, opt, windows, [torch.arange(batch)], 1e-4, 1.0, autocast, 512)
     else:
         model, opt = build_reference(dtype, device)
         x = ids.to(device)
         params = [p for p in model.parameters() if p.requires_grad]
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and dtype == torch.bfloat16 \
             else (lambda: torch.autocast("cpu", enabled=False))
-
-        def step():
-            with autocast():
-                loss = plain_loss(model(input_ids=x).logits, x) if plain else model(input_ids=x, labels=x).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        if plain:
+            step = plain_step(lambda x: model(input_ids=x).logits, x, params, opt, autocast)
+        else:
+            def step():
+                with autocast():
+                    loss = model(input_ids=x, labels=x).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
 
     conn.send("ready")
     while True:
