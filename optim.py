@@ -8,8 +8,9 @@ AdamW (Loshchilov & Hutter), per parameter p with gradient g at step t = 1, 2, .
     m_hat = m / (1 - b1^t),  v_hat = v / (1 - b2^t)      bias corrections
     p <- p - lr * m_hat / (sqrt(v_hat) + eps)  eps outside the square root
 
-This matches `torch.optim.AdamW` step for step. The state is plain tensors keyed by parameter name,
-so a checkpoint is a dict of tensors and resuming is exact.
+This matches `torch.optim.AdamW` step for step. `lr_scale` ({name: factor}) gives some parameters
+lr·factor, as a torch parameter group with its own lr would (LoRA+: lora/loraplus.py). The state is
+plain tensors keyed by parameter name, so a checkpoint is a dict of tensors and resuming is exact.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import torch
 
 class AdamW:
     def __init__(self, params: dict[str, torch.nn.Parameter], lr: float = 1e-4, betas=(0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01):
+                 eps: float = 1e-8, weight_decay: float = 0.01, lr_scale: dict[str, float] | None = None):
         self.params = dict(params)
+        self.lr_scale = dict(lr_scale or {})
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         self.step_count = 0
         self.m = {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n, p in self.params.items()}
@@ -39,12 +41,13 @@ class AdamW:
             if p.grad is None:
                 continue
             g, m, v = p.grad, self.m[name], self.v[name]
+            lr_p = lr * self.lr_scale[name] if name in self.lr_scale else lr
             if self.weight_decay:
-                p.mul_(1 - lr * self.weight_decay)
+                p.mul_(1 - lr_p * self.weight_decay)
             m.lerp_(g, 1 - b1)  # m = b1 m + (1 - b1) g
             v.mul_(b2).addcmul_(g, g, value=1 - b2)  # v = b2 v + (1 - b2) g^2
             denom = (v / bias2).sqrt_().add_(self.eps)  # sqrt(v_hat) + eps
-            p.addcdiv_(m, denom, value=-lr / bias1)  # p -= lr * m_hat / denom
+            p.addcdiv_(m, denom, value=-lr_p / bias1)  # p -= lr * m_hat / denom
 
     def zero_grad(self) -> None:
         for p in self.params.values():

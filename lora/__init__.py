@@ -1,9 +1,14 @@
-"""Hand-rolled LoRA. Read layer.py (the adapter), inject.py (applying and merging), peft_format.py (files)."""
+"""Hand-rolled LoRA. Read layer.py (the adapter), inject.py (applying and merging), peft_format.py (files),
+then the variants: dora.py (DoRA), init.py (PiSSA/OLoRA starts), loraplus.py (LoRA+ learning rates)."""
 
+from .dora import DoRALinear
+from .init import check_init
 from .inject import (ALL_TARGETS, apply_lora, lora_modules, lora_parameters, merge, merge_and_export, parse_targets,
                      unmerge)
 from .layer import LoRALinear
+from .loraplus import loraplus_lr_scales
 from .peft_format import load_adapter, read_adapter, save_adapter
 
-__all__ = ["ALL_TARGETS", "LoRALinear", "apply_lora", "load_adapter", "lora_modules", "lora_parameters", "merge",
-           "merge_and_export", "parse_targets", "read_adapter", "save_adapter", "unmerge"]
+__all__ = ["ALL_TARGETS", "DoRALinear", "LoRALinear", "apply_lora", "check_init", "load_adapter", "lora_modules",
+           "lora_parameters", "loraplus_lr_scales", "merge", "merge_and_export", "parse_targets", "read_adapter",
+           "save_adapter", "unmerge"]

@@ -11,6 +11,8 @@ from common import UserError
 from model.nf4 import NF4Weight
 from model.transformer import Transformer
 
+from .dora import DoRALinear
+from .init import check_init, initialise, moves_base
 from .layer import LoRALinear
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -40,12 +42,18 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    return {n: p for n, p in model.named_parameters() if ".lora_" in n}  # A, B (and DoRA's magnitude)
 
 
 def apply_lora(model: Transformer, rank: int = 8, alpha: float = 16, targets=("q_proj", "v_proj"),
-               dropout: float = 0.0, use_rslora: bool = False, verbose: bool = True) -> int:
-    """Wrap the target projections of every layer, freeze everything else; return the trainable count."""
+               dropout: float = 0.0, use_rslora: bool = False, verbose: bool = True, dora: bool = False,
+               init: str = "kaiming") -> int:
+    """Wrap the target projections of every layer, freeze everything else; return the trainable count.
+    `dora`: DoRALinear instead of LoRALinear (lora/dora.py); `init`: how A, B start (lora/init.py)."""
+    init = check_init(init)
+    if dora and moves_base(init):
+        raise UserError(f"DoRA with --init {init} is not supported: its adapter could not be converted back to the "
+                        f"original base model; use one of the two")
     if rank < 1:
         raise UserError(f"LoRA rank must be at least 1, got {rank}")
     if not 0 <= dropout < 1:
@@ -58,13 +66,15 @@ def apply_lora(model: Transformer, rank: int = 8, alpha: float = 16, targets=("q
     for block in model.model.layers:
         for name in targets:
             parent = block.self_attn if name in ATTENTION_TARGETS else block.mlp
-            setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout, use_rslora))
+            layer = (DoRALinear if dora else LoRALinear)(getattr(parent, name), rank, alpha, dropout, use_rslora)
+            initialise(layer, init)
+            setattr(parent, name, layer)
     model.lora_config = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets),
-                         "use_rslora": use_rslora}
+                         "use_rslora": use_rslora, "use_dora": dora, "init_lora_weights": init}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     if verbose:
-        print(f"LoRA r={rank} alpha={alpha} on {','.join(targets)}: {trainable:,} trainable parameters "
+        print(f"{'DoRA' if dora else 'LoRA'} r={rank} alpha={alpha} on {','.join(targets)}: {trainable:,} trainable parameters "
               f"of {total:,} ({100 * trainable / total:.3f}%)")
     return trainable
 

@@ -8,7 +8,10 @@ A PEFT LoRA adapter is a folder with two files:
   `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (PEFT wraps the causal LM as
   `base_model.model`, and drops the adapter name "default" from the keys when saving).
 
-Our parameter names are exactly those without the `base_model.model.` prefix.
+Our parameter names are exactly those without the `base_model.model.` prefix. DoRA adds
+`...q_proj.lora_magnitude_vector` (no `.weight` suffix: PEFT's name once "default.weight" is dropped)
+and `use_dora: true`. A PiSSA/OLoRA adapter is saved converted for the original base model (rank 2r;
+lora/init.py says why), as PEFT's `path_initial_model_for_weight_conversion` saves it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from checkpoints import latest_checkpoint
 from common import UserError, read_json, write_json
 from model.loading import save_safetensors
 
+from .init import check_init, convert_for_original_base, is_converted_for, moves_base, unconvert
 from .inject import apply_lora, lora_modules, lora_parameters, parse_targets
 
 PREFIX = "base_model.model."
@@ -37,9 +41,10 @@ def adapter_config(model) -> dict:
         "base_model_name_or_path": getattr(model, "source", None),
         "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "lora_dropout": cfg["lora_dropout"],
         "target_modules": cfg["target_modules"], "use_rslora": cfg["use_rslora"],
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": "gaussian" if cfg.get("init_lora_weights") == "gaussian" else True,
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "revision": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "use_dora": bool(cfg.get("use_dora", False)), "revision": None,
     }
 
 
@@ -48,9 +53,12 @@ def save_adapter(model, path: str | os.PathLike) -> None:
     if not lora_modules(model):
         raise UserError("the model has no LoRA adapters to save (apply_lora or load_adapter first)")
     path = Path(path)
-    tensors = {PREFIX + n: p.detach().contiguous().cpu() for n, p in lora_parameters(model).items()}
-    save_safetensors(tensors, path / WEIGHTS_NAME)
-    write_json(path / CONFIG_NAME, adapter_config(model))
+    tensors = {n: p.detach().contiguous().cpu() for n, p in lora_parameters(model).items()}
+    config = adapter_config(model)
+    if moves_base(model.lora_config.get("init_lora_weights", "kaiming")):
+        tensors, config = convert_for_original_base(model, tensors, config)
+    save_safetensors({PREFIX + n: t for n, t in tensors.items()}, path / WEIGHTS_NAME)
+    write_json(path / CONFIG_NAME, config)
 
 
 def adapter_folder(path: str | os.PathLike) -> Path:
@@ -76,13 +84,14 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     cfg = read_json(path / CONFIG_NAME, what=CONFIG_NAME)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{path} holds a {cfg.get('peft_type')} adapter; only LORA is supported")
-    for key, default in (("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False), ("modules_to_save", None),
+    for key, default in (("bias", "none"), ("fan_in_fan_out", False), ("modules_to_save", None),
                          ("layers_to_transform", None), ("rank_pattern", {}), ("alpha_pattern", {})):
         value = cfg.get(key)
         if value and value != default:
             raise UserError(f"{path}: {key}={value!r} is not supported by this loader")
     if isinstance(cfg.get("target_modules"), str) and cfg["target_modules"] != "all-linear":
         raise UserError(f"{path}: target_modules as a regex ({cfg['target_modules']!r}) is not supported; use a list")
+    init_name(cfg, path)  # an initialisation we cannot reproduce is refused here
     try:
         raw = load_file(path / WEIGHTS_NAME)
     except (SafetensorError, OSError) as e:
@@ -106,7 +115,9 @@ def load_adapter(model, path: str | os.PathLike, verbose: bool = False) -> None:
     if not lora_modules(model):
         apply_lora(model, rank=int(cfg["r"]), alpha=cfg["lora_alpha"], targets=cfg["target_modules"],
                    dropout=float(cfg.get("lora_dropout", 0.0)), use_rslora=bool(cfg.get("use_rslora", False)),
-                   verbose=verbose)
+                   verbose=verbose, dora=bool(cfg.get("use_dora", False)), init=init_name(cfg, path))
+    elif is_converted_for(model, cfg):  # a PiSSA/OLoRA run's own checkpoint: its A, B are the first halves
+        tensors = unconvert(model, tensors, path)
     else:
         check_same_setup(model.lora_config, cfg, path)
     params = lora_parameters(model)
@@ -126,11 +137,27 @@ def load_adapter(model, path: str | os.PathLike, verbose: bool = False) -> None:
             p.copy_(tensors[name])
 
 
+def init_name(cfg: dict, path) -> str:
+    """PEFT's init_lora_weights as our --init name: True/False (the weights are loaded anyway) -> kaiming."""
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, bool):
+        return "kaiming"
+    if not isinstance(init, str) or init not in ("gaussian", "olora") and not init.startswith("pissa"):
+        raise UserError(f"{path}: init_lora_weights={init!r} is not supported by this loader")
+    return check_init(init)
+
+
+def base_change(init: str) -> str:
+    return init if moves_base(init) else "none"
+
+
 def check_same_setup(have: dict, cfg: dict, path) -> None:
     wanted = {"rank": int(cfg["r"]), "alpha": float(cfg["lora_alpha"]), "rsLoRA": bool(cfg.get("use_rslora", False)),
-              "targets": ",".join(parse_targets(cfg["target_modules"]))}
+              "targets": ",".join(parse_targets(cfg["target_modules"])), "DoRA": bool(cfg.get("use_dora", False)),
+              "base residual": base_change(init_name(cfg, path))}
     current = {"rank": int(have["r"]), "alpha": float(have["lora_alpha"]), "rsLoRA": bool(have["use_rslora"]),
-               "targets": ",".join(have["target_modules"])}
+               "targets": ",".join(have["target_modules"]), "DoRA": bool(have.get("use_dora", False)),
+               "base residual": base_change(have.get("init_lora_weights", "kaiming"))}
     differ = [f"{k} {wanted[k]} (the model's adapters: {k} {current[k]})" for k in wanted if wanted[k] != current[k]]
     if differ:
         raise UserError(f"the adapter at {path} was trained with {', '.join(differ)}; load it into a fresh base "
