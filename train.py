@@ -100,6 +100,11 @@ FLAGS = (  # (flag, default, help, argparse keywords). Every flag parses to None
     ("--compile", False, "torch.compile each block (fuses the elementwise work; needs a C++ compiler on CPU)", ON_OFF),
     ("--loss-chunk", 512, "rows of logits formed at once by the loss", {"type": int}),
     ("--quantize", None, "store the frozen projections in 4-bit NF4 (QLoRA; model/nf4.py)", {"choices": ["nf4"]}),
+    ("--dora", False, "DoRA: a trainable magnitude per output row besides B A (lora/dora.py; QDoRA with --quantize)", ON_OFF),
+    ("--loraplus-ratio", 1.0, "LoRA+: lora_B and 1-D tensors (DoRA's magnitude) learn at lr x this (PEFT suggests 16)",
+     {"type": float}),
+    ("--init", "kaiming", "how A, B start: kaiming, gaussian, pissa, pissa_niter_K or olora (lora/init.py)", {}),
+    ("--rslora", False, "rsLoRA: scaling alpha / sqrt(rank) instead of alpha / rank", ON_OFF),
 )
 DEFAULTS = {flag[2:].replace("-", "_"): default for flag, default, _, _ in FLAGS}
 # What may change between the sessions of one run; everything else would silently change the run.
@@ -176,7 +181,9 @@ def check_args(args) -> None:
         (is_chat(args) or (args.val_data is None and not args.pack and args.train_on == "assistant"),
          "--val-data, --pack and --train-on apply to JSONL chat data (--data FILE.jsonl)"),
         (args.val_data is None or str(args.val_data).endswith(".jsonl"), "--val-data must be a .jsonl file"),
+        (args.loraplus_ratio > 0, "--loraplus-ratio must be positive (1: plain LoRA)"),
     ]
+    lora.check_init(args.init)
     for ok, message in rules:
         if not ok:
             raise UserError(message)
@@ -406,13 +413,15 @@ def setup(args, saved: dict | None) -> Run:
     torch.manual_seed(args.seed)
     model, tok = load_pretrained(args.model, dtype=dtype, device=device, quantize=args.quantize)
     lora.apply_lora(model, rank=args.rank, alpha=args.alpha, targets=args.targets, dropout=args.dropout,
-                    verbose=group.is_main)
+                    verbose=group.is_main, use_rslora=args.rslora, dora=args.dora, init=args.init)
     model.grad_checkpoint = args.grad_checkpoint
     if args.compile:
         model.compile_blocks()
     model.train()
     data = prepare_data(args, tok)
-    opt = AdamW(lora.lora_parameters(model), lr=args.lr, betas=args.betas, eps=args.eps, weight_decay=args.weight_decay)
+    params = lora.lora_parameters(model)
+    opt = AdamW(params, lr=args.lr, betas=args.betas, eps=args.eps, weight_decay=args.weight_decay,
+                lr_scale=lora.loraplus_lr_scales(params, args.loraplus_ratio))
     costs = step_costs(model, args, data.val)
     prompts = None
     if args.eval_prompts:
