@@ -2,6 +2,7 @@
 
 import copy
 import json
+import shutil
 
 import peft
 import pytest
@@ -298,3 +299,41 @@ def test_bad_variant_combinations_are_clear_errors():
         lora.apply_lora(tiny_model(), init="svd")
     with pytest.raises(UserError, match="DoRA with --init pissa"):
         lora.apply_lora(tiny_model(), init="pissa", dora=True)
+
+
+# ------------------------------------------------------------------------------------ train.py
+VARIANTS = {"dora": ["--dora", "--dropout", "0.1"], "loraplus": ["--loraplus-ratio", "16", "--dora"],
+            "pissa": ["--init", "pissa_niter_2"], "olora-rslora": ["--init", "olora", "--rslora"]}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_resume_after_a_kill_is_bit_exact_with_each_variant(tmp_path, variant):
+    import train
+    from tests.test_train import TINY, assert_same_run
+
+    common = TINY + ["--save-every", "4", "--weight-decay", "0.01", *VARIANTS[variant]]
+    train.train(common + ["--steps", "8", "--out", str(tmp_path / "once")])
+    train.train(common + ["--steps", "6", "--out", str(tmp_path / "twice")])
+    shutil.rmtree(tmp_path / "twice" / "checkpoint-000006")  # as if killed after step 6: steps 5-6 and their log are lost
+    train.train(["--resume", str(tmp_path / "twice"), "--steps", "8"])
+    assert_same_run(tmp_path / "once", tmp_path / "twice")
+
+
+@pytest.mark.parametrize("flag", [["--dora"], ["--loraplus-ratio", "4"], ["--init", "olora"], ["--rslora"]])
+def test_resume_refuses_a_changed_variant_flag(tmp_path, flag):
+    import train
+    from tests.test_train import TINY
+
+    train.train(TINY + ["--steps", "2", "--out", str(tmp_path / "r")])
+    with pytest.raises(UserError, match=f"{flag[0]} .* differs from the run's"):
+        train.train(["--resume", str(tmp_path / "r"), *flag])
+
+
+def test_bad_variant_flags_are_clear_errors(tmp_path):
+    import train
+    from tests.test_train import TINY
+
+    with pytest.raises(UserError, match="unknown LoRA initialisation 'pissa_niter_x'"):
+        train.train(TINY + ["--init", "pissa_niter_x", "--out", str(tmp_path / "a")])
+    with pytest.raises(UserError, match="--loraplus-ratio must be positive"):
+        train.train(TINY + ["--loraplus-ratio", "0", "--out", str(tmp_path / "b")])
