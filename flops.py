@@ -24,6 +24,13 @@ H query heads, K key/value heads, hd head dim, I intermediate, V vocabulary, r L
                                 + log 10, then pick and negate 1 = 13V + 9; mean over N: N
      AdamW (per trainable parameter, with clipping): 28 (moments 7, bias corrections 2,
                                 sqrt 10, eps 1, divide 1, lr 1, update 1, weight decay 2, clip 3)
+     DoRA (lora/dora.py), per adapted projection (out x in), per forward pass: B A (out x r)(r x in),
+                                scale by s out*in, add W out*in, row norms: square out*in + sum
+                                out*(in-1) + sqrt 10*out, m / norm out, minus 1 out; per token:
+                                (scale-1)*base, scale*lora, *s, two adds = 5*out (plain LoRA's 2 are
+                                in lora_B), + out for base(x) - bias where there is a bias
+     DoRA with dropout, training only (`train_only`): base recomputed on dropout(x), one more
+                                (N x in)(in x out) product, no bias subtraction
    backward = 2 x (forward + loss): the gradient flows back through the loss too. A training step
    = forward + loss + backward + optimizer. This convention counts the algorithm, not how memory is
    traded for time: activation checkpointing (`--grad-checkpoint`) adds no coursework FLOPs, so a
@@ -36,7 +43,10 @@ H query heads, K key/value heads, hd head dim, I intermediate, V vocabulary, r L
    torch counts them: the causal mask saves no FLOPs here. With activation checkpointing the machine
    also recomputes each block's forward during the backward (`recompute`), up to the last tensor the
    backward needs: torch stops there (its default "early stop"), which skips the block's last matmul,
-   down_proj (or, when down_proj has LoRA, its lora_B, the last one to run).
+   down_proj (or, when down_proj has LoRA, its lora_B, the last one to run). DoRA adds its B A
+   product per adapted projection and pass (computed without autograd: no backward), and in
+   training with dropout the base product on dropout(x) (its input gradient where x requires grad).
+   A PiSSA/OLoRA adapter is saved at rank 2r (lora/init.py): loaded for inference it counts as r = 2r.
 """
 
 from __future__ import annotations
@@ -83,6 +93,9 @@ class Report:
     optimizer_coursework: int = 0
     recompute_hardware: int = 0  # activation checkpointing: blocks' forward again, in the backward
     trainable_params: int = 0
+    train_only_coursework: int = 0  # forward work only training does (DoRA's base product on dropout(x))
+    train_only_hardware: int = 0  # its forward matmuls
+    train_only_backward_hardware: int = 0
 
     def add(self, name, coursework=0, hardware=0, backward_hardware=0, category="other"):
         op = self.ops.setdefault(name, Op(name, category=category))
@@ -104,15 +117,17 @@ class Report:
 
     @property
     def backward_coursework(self) -> int:
-        return 2 * (self.forward_coursework + self.loss_coursework)
+        return 2 * (self.forward_coursework + self.train_only_coursework + self.loss_coursework)
 
     @property
     def train_step_coursework(self) -> int:
-        return self.forward_coursework + self.loss_coursework + self.backward_coursework + self.optimizer_coursework
+        return (self.forward_coursework + self.train_only_coursework + self.loss_coursework + self.backward_coursework
+                + self.optimizer_coursework)
 
     @property
     def train_step_hardware(self) -> int:
-        return self.forward_hardware + self.backward_hardware + self.recompute_hardware
+        return (self.forward_hardware + self.backward_hardware + self.recompute_hardware + self.train_only_hardware
+                + self.train_only_backward_hardware)
 
     @property
     def eval_coursework(self) -> int:
@@ -132,6 +147,8 @@ class Report:
             "loss": {"coursework": self.loss_coursework, "hardware": 0},
             "backward": {"hardware": self.backward_hardware, "coursework": self.backward_coursework},
             "recompute": {"hardware": self.recompute_hardware, "coursework": 0},
+            "train_only": {"hardware": self.train_only_hardware, "backward_hardware": self.train_only_backward_hardware,
+                           "coursework": self.train_only_coursework},
             "optimizer": {"coursework": self.optimizer_coursework, "hardware": 0},
             "train_step": {"hardware": self.train_step_hardware, "coursework": self.train_step_coursework},
             "eval_step": {"hardware": self.forward_hardware, "coursework": self.eval_coursework},
@@ -167,6 +184,8 @@ class Shapes:
     keys: int = 0  # keys each query attends over (a KV cache's length); 0: the T new tokens themselves
     head_rows: int = 0  # rows that go through lm_head; 0: all N (generation needs only each row's last)
     head_vocab: int = 0  # lm_head outputs computed per row; 0: all V (constrained decoding computes fewer)
+    dora: bool = False  # the adapters are DoRA's
+    dropout: bool = False  # LoRA dropout is active (training with p > 0)
 
     @property
     def N(self) -> int:
@@ -208,7 +227,8 @@ def shapes_of(config, batch: int, seq: int, lora: dict | None, trainable: str | 
                   I=c.intermediate_size, V=c.vocab_size, L=c.num_hidden_layers, r=lora["r"] if lora else 0,
                   targets=frozenset(parse_targets(lora["target_modules"])) if lora else frozenset(),
                   trainable=trainable or ("lora" if lora else "full"), qkv_bias=c.attention_bias, o_bias=c.o_proj_bias,
-                  keys=keys, head_rows=head_rows, head_vocab=head_vocab)
+                  keys=keys, head_rows=head_rows, head_vocab=head_vocab, dora=bool(lora and lora.get("use_dora")),
+                  dropout=bool(lora and lora.get("lora_dropout")) and (trainable or "lora") != "none")
 
 
 def coursework_forward(s: Shapes) -> dict[str, int]:
@@ -227,12 +247,26 @@ def coursework_forward(s: Shapes) -> dict[str, int]:
         "residual_add": 2 * N * D,
         "lora_A": sum(matmul_cw(N, d_in, r) for d_in, _ in adapted),
         "lora_B": sum(matmul_cw(N, r, d_out) + 2 * N * d_out for _, d_out in adapted),  # + scale and add
+        "dora": sum(dora_cw(N, d_in, d_out, r, bias) for name, d_in, d_out, bias in s.projections
+                    if name in s.targets) if s.dora else 0,
     }
     ops = {name: s.L * flops for name, flops in per_layer.items()}
     ops["rope"] += B * T * hd // 2 + 2 * 10 * B * T * hd  # angles, cos and sin: once per forward
     ops["final_norm"] = rmsnorm_cw(N, D)
     ops["lm_head"] = matmul_cw(s.R, D, s.Vh)
     return ops
+
+
+def dora_cw(N: int, d_in: int, d_out: int, r: int, bias: bool) -> int:
+    """DoRA's own forward work on one projection, beyond plain LoRA's (the table at the top)."""
+    norm = matmul_cw(d_out, r, d_in) + 2 * d_out * d_in + d_out * d_in + d_out * (d_in - 1) + 10 * d_out
+    return norm + 2 * d_out + 3 * N * d_out + (N * d_out if bias else 0)
+
+
+def dora_dropout_cw(s: Shapes) -> int:
+    """Training with dropout: x W^T again on dropout(x), and no bias to subtract."""
+    return s.L * sum(matmul_cw(s.N, d_in, d_out) - (s.N * d_out if bias else 0)
+                     for name, d_in, d_out, bias in s.projections if name in s.targets) if s.dora and s.dropout else 0
 
 
 def hardware_passes(s: Shapes) -> tuple[dict[str, int], dict[str, int]]:
@@ -257,6 +291,11 @@ def hardware_passes(s: Shapes) -> tuple[dict[str, int], dict[str, int]]:
             fwd["lora_A"], fwd["lora_B"] = fwd["lora_A"] + 2 * N * d_in * r, fwd["lora_B"] + 2 * N * r * d_out
             bwd["lora_A"] = bwd.get("lora_A", 0) + ((2 + 2 * x_grad) * N * d_in * r if adapted else 0)
             bwd["lora_B"] = bwd.get("lora_B", 0) + (4 * N * r * d_out if adapted else 0)
+            if s.dora:  # B A for the norm, outside autograd; with dropout, dropout(x) W^T (its input grad only)
+                fwd["dora"], bwd["dora"] = fwd.get("dora", 0) + 2 * d_out * r * d_in, 0
+                if s.dropout:
+                    fwd["dora_dropout"] = fwd.get("dora_dropout", 0) + flops
+                    bwd["dora_dropout"] = bwd.get("dora_dropout", 0) + (flops if x_grad else 0)
         return x_grad or full or adapted
 
     attn = 2 * B * H * T * s.S * hd  # q k^T and probs @ v, each over the full T x S rectangle
@@ -278,16 +317,18 @@ def hardware_passes(s: Shapes) -> tuple[dict[str, int], dict[str, int]]:
 def recompute_hardware(s: Shapes, forward: dict[str, int]) -> int:
     """Activation checkpointing recomputes each block's forward in the backward, up to the last tensor
     the backward needs: torch stops there (early stop), skipping the block's last matmul."""
-    blocks = sum(forward.values()) - forward["lm_head"]
+    blocks = sum(forward.values()) - forward["lm_head"]  # dora_dropout included: it is a block's forward too
     last = 2 * s.N * s.r * s.D if "down_proj" in s.targets else 2 * s.N * s.I * s.D
+    if s.dora and "down_proj" in s.targets:  # DoRA's m gradient needs lora_B's output: nothing is skipped
+        last = 0
     return blocks - s.L * last if s.trainable != "none" else 0
 
 
 OP_ORDER = ("q_proj", "k_proj", "v_proj", "rope", "attention_scores", "softmax", "attention_v", "o_proj", "gate_proj",
             "up_proj", "silu", "gating_product", "down_proj", "rmsnorm", "residual_add", "final_norm", "lm_head",
-            "lora_A", "lora_B")
+            "lora_A", "lora_B", "dora")
 CATEGORY = {"attention_scores": "attention", "attention_v": "attention", "lm_head": "linear", "lora_A": "linear",
-            "lora_B": "linear", **{name: "linear" for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+            "lora_B": "linear", "dora": "linear", **{name: "linear" for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                                "up_proj", "down_proj")}}
 
 
@@ -296,7 +337,8 @@ def count(config, batch: int, seq: int, lora: dict | None = None, trainable: str
     """FLOPs of one forward pass (and its backward) at batch x seq tokens, in both conventions.
 
     `config` is a ModelConfig or a model (then its LoRA settings and trainable parameters are used).
-    `lora` is {"r": rank, "target_modules": [...]}; `trainable` is "lora" (base frozen, the default
+    `lora` is {"r": rank, "target_modules": [...]} (optionally "use_dora", and "lora_dropout", which
+    matters to DoRA in training: `train_only`); `trainable` is "lora" (base frozen, the default
     with LoRA), "full" (every parameter trains, the default without) or "none" (inference only).
     `recompute`: activation checkpointing per block, as `model.grad_checkpoint` does it. `keys` and
     `head_rows`, `head_vocab` describe a pass with a KV cache (see `generation`).
@@ -306,12 +348,14 @@ def count(config, batch: int, seq: int, lora: dict | None = None, trainable: str
     cw, (fwd, bwd) = coursework_forward(s), hardware_passes(s)
     rep = Report(config=model_config.to_dict(), batch=batch, seq=seq)
     for name in OP_ORDER:
-        if s.targets or not name.startswith("lora_"):
+        if (s.targets or not name.startswith("lora_")) and (s.dora or name != "dora"):
             rep.add(name, cw[name], fwd.get(name, 0), bwd.get(name, 0), CATEGORY.get(name, "other"))
+    rep.train_only_coursework = dora_dropout_cw(s)
+    rep.train_only_hardware, rep.train_only_backward_hardware = fwd.get("dora_dropout", 0), bwd.get("dora_dropout", 0)
     rep.loss_coursework = s.N * (13 * s.V + 9) + s.N  # log-softmax and pick per token, then the mean
     if s.trainable == "lora":
-        rep.trainable_params = s.L * sum(s.r * (d_in + d_out) for name, d_in, d_out, _ in s.projections
-                                         if name in s.targets)
+        rep.trainable_params = s.L * sum(s.r * (d_in + d_out) + (d_out if s.dora else 0)  # DoRA: m, (out,)
+                                         for name, d_in, d_out, _ in s.projections if name in s.targets)
     elif s.trainable == "full":
         rep.trainable_params = parameter_count(model_config)
     rep.optimizer_coursework = 28 * rep.trainable_params

@@ -85,7 +85,21 @@ def parse_grid_flag(text: str) -> tuple[str, list[str]]:
     values = [v.strip() for v in values.split(",") if v.strip()]
     if not values:
         raise UserError(f"--grid {text}: give the values as FLAG=V1,V2,...")
+    if dest in ON_OFF_FLAGS and any(v.lower() not in BOOLEAN for v in values):
+        raise UserError(f"--grid {text}: {name!r} is on or off; give its values as 0,1 (or false,true)")
     return dest, values
+
+
+ON_OFF_FLAGS = {flag[2:].replace("-", "_") for flag, _, _, kw in train.FLAGS if kw is train.ON_OFF}
+BOOLEAN = {"0": False, "false": False, "no": False, "off": False, "1": True, "true": True, "yes": True, "on": True}
+
+
+def flag_args(key: str, value) -> list[str]:
+    """One train.py flag on the command line: --dora / --no-dora for an on/off flag, else --key value."""
+    flag = key.replace("_", "-")
+    if key in ON_OFF_FLAGS:
+        return [f"--{flag}" if BOOLEAN[str(value).lower()] else f"--no-{flag}"]
+    return [f"--{flag}", str(value)]
 
 
 # -------------------------------------------------------------------------------------------- plan
@@ -104,7 +118,7 @@ def train_argv(args, run: dict, folder: Path) -> list[str]:
     given = {x.lstrip("-").replace("-", "_") for x in args.passthrough if x.startswith("--")}
     flags = {"model": args.model, **({"data": args.data} if args.data else {}),
              **({} if "eval_every" in given else {"eval_every": max(1, run["steps"] // 4)}), **run["flags"]}
-    argv = [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    argv = [x for k, v in flags.items() for x in flag_args(k, v)]
     return args.passthrough + argv + ["--steps", str(run["steps"]), "--out", str(folder)]  # the run's flags win
 
 
@@ -113,11 +127,20 @@ def projected_flops(args, run: dict) -> dict:
     targs, _ = train.resolve_args(train_argv(args, run, Path("-")))
     model, tok = projection_model(args.model)
     windows, info = prepared_data(targs, tok)
-    cfg = {"r": int(targs.rank), "target_modules": targs.targets}
+    cfg = {"r": int(targs.rank), "target_modules": targs.targets, "use_dora": bool(targs.dora),
+           "lora_dropout": targs.dropout}
     costs = train.step_costs(model, targs, windows["val"], lora=cfg)
     evals = sum(train.eval_due(step, targs) for step in range(1, run["steps"] + 1))
     return {"train": run["steps"] * costs["train_step"], "validation": evals * costs["eval"],
-            "forecast": forecast_estimate(args, model, cfg, info["tokens_per_step"], tok)}
+            "forecast": forecast_estimate(args, model, inference_lora(targs), info["tokens_per_step"], tok)}
+
+
+def inference_lora(targs) -> dict:
+    """The adapter the forecasts run with: a PiSSA/OLoRA one is loaded converted, at rank 2r (lora/init.py)."""
+    from lora.init import moves_base
+
+    return {"r": int(targs.rank) * (2 if moves_base(targs.init) else 1), "target_modules": targs.targets,
+            "use_dora": bool(targs.dora)}
 
 
 def forecast_estimate(args, config, lora_cfg, step_tokens: int, tok) -> int:
@@ -183,8 +206,9 @@ def make_plan(args) -> list[tuple[dict, dict]]:
     step_tokens = prepared_data(train.resolve_args(train_argv(args, plan[-1][0], Path("-")))[0], tok)[1]["tokens_per_step"] \
         if plan else 10
     test = {"name": "test forecasts", "phase": "test", "flags": {}, "steps": 0}  # final adapter, untrained model
-    lora_cfg = {"r": max(int(r["flags"].get("rank", train.DEFAULTS["rank"])) for r, _ in plan) if plan else 8,
-                "target_modules": train.DEFAULTS["targets"]}
+    adapters = [inference_lora(train.resolve_args(train_argv(args, r, Path("-")))[0]) for r, _ in plan]
+    lora_cfg = {"r": max(a["r"] for a in adapters) if plan else 8, "target_modules": train.DEFAULTS["targets"],
+                "use_dora": any(a["use_dora"] for a in adapters)}
     plan.append((test, {"train": 0, "validation": 0,
                         "forecast": 2 * forecast_estimate(args, model, lora_cfg, step_tokens, tok)}))
     return plan

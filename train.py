@@ -465,8 +465,9 @@ def step_costs(model, args, val_windows, lora: dict | None = None) -> dict:
     per_micro = flops.count(model, args.batch_size, args.context_length, lora=lora,
                             trainable="lora" if lora else None, recompute=args.grad_checkpoint)
     n_eval = eval_windows_count(val_windows, args.batch_size, args.eval_batches)
-    return {"train_step": args.grad_accum * (per_micro.forward_coursework + per_micro.loss_coursework
-                                             + per_micro.backward_coursework) + per_micro.optimizer_coursework,
+    return {"train_step": args.grad_accum * (per_micro.forward_coursework + per_micro.train_only_coursework
+                                             + per_micro.loss_coursework + per_micro.backward_coursework)
+                          + per_micro.optimizer_coursework,
             "train_step_hardware": args.grad_accum * per_micro.train_step_hardware,
             "eval": n_eval * per_micro.eval_coursework, "eval_hardware": n_eval * per_micro.forward_hardware}
 

@@ -337,3 +337,99 @@ def test_bad_variant_flags_are_clear_errors(tmp_path):
         train.train(TINY + ["--init", "pissa_niter_x", "--out", str(tmp_path / "a")])
     with pytest.raises(UserError, match="--loraplus-ratio must be positive"):
         train.train(TINY + ["--loraplus-ratio", "0", "--out", str(tmp_path / "b")])
+
+
+# ---------------------------------------------------------------------------------------- FLOPs
+@pytest.mark.parametrize("targets", ["q_proj,v_proj", "all"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_dora_hardware_count_equals_flop_counter(targets, recompute):
+    import flops
+    from model.tiny import tiny_model
+
+    model = tiny_model()
+    lora.apply_lora(model, rank=4, targets=targets, dora=True, verbose=False)
+    rows = flops.check(model, 2, 9, recompute=recompute)
+    for row in rows:
+        assert row["ours"] == row["flop_counter"], row
+        assert row["profiler"] is None or row["ours"] == row["profiler"], row
+    plain = tiny_model()
+    lora.apply_lora(plain, rank=4, targets=targets, verbose=False)
+    extra = flops.count(model, 2, 9).forward_hardware - flops.count(plain, 2, 9).forward_hardware
+    assert extra == sum(2 * m.out_features * 4 * m.in_features for m in lora.lora_modules(model).values()) > 0
+
+
+def test_dora_with_dropout_counts_the_recomputed_base_in_training():
+    """In training with dropout the forward + backward has one more product per layer; evaluation does not."""
+    import flops
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model.tiny import tiny_model
+
+    model = tiny_model()
+    lora.apply_lora(model, rank=4, targets="q_proj,down_proj", dora=True, dropout=0.2, verbose=False)
+    model.set_attention("matmul")
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+    rep = flops.count(model, 2, 9)
+    assert rep.train_only_hardware > 0 and rep.train_only_backward_hardware > 0  # layer 1's input requires grad
+    assert counter.get_total_flops() == rep.train_step_hardware
+    train_cw = rep.train_step_coursework - rep.optimizer_coursework
+    assert train_cw == 3 * (rep.forward_coursework + rep.train_only_coursework + rep.loss_coursework)
+    assert rep.eval_coursework == rep.forward_coursework + rep.loss_coursework
+
+
+def test_dora_coursework_worked_example():
+    """One layer, q_proj (4 -> 4, with bias) adapted at r = 1, batch 1 x 3 tokens: DoRA's row over plain LoRA."""
+    import flops
+    from model import ModelConfig
+
+    cfg = ModelConfig(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=2)
+    lora_cfg = {"r": 1, "target_modules": ["q_proj"]}
+    plain, dora = (flops.count(cfg, 1, 3, lora=dict(lora_cfg, use_dora=d)) for d in (False, True))
+    norm = 4 * 4 * (2 * 1 - 1) + 2 * 16 + 16 + 4 * 3 + 10 * 4  # B A, scale and add W, square, sums, sqrt
+    per_token = 2 * 4 + 3 * 3 * 4 + 3 * 4  # m / norm and -1; 3 more per output element; bias subtraction
+    assert dora.ops["dora"].coursework == norm + per_token
+    assert dora.forward_coursework - plain.forward_coursework == norm + per_token
+    assert dora.trainable_params - plain.trainable_params == 4  # m, one per output row
+    assert dora.optimizer_coursework - plain.optimizer_coursework == 28 * 4
+
+
+def test_converted_pissa_adapter_counts_at_rank_2r(tmp_path):
+    import flops
+    from model.tiny import tiny_model
+
+    model = tiny_model()
+    lora.apply_lora(model, rank=4, targets="all", init="pissa", verbose=False)
+    lora.save_adapter(model, tmp_path / "ad")
+    loaded = tiny_model()
+    lora.load_adapter(loaded, tmp_path / "ad")
+    assert loaded.lora_config["r"] == 8
+    for row in flops.check(loaded, 2, 5):
+        assert row["ours"] == row["flop_counter"], row
+    assert flops.count(loaded, 2, 5).ops["lora_A"].hardware == 2 * flops.count(model, 2, 5).ops["lora_A"].hardware
+
+
+# ---------------------------------------------------------------------------------------- study.py
+def test_study_grid_varies_on_off_flags_and_variants(tmp_path):
+    from pathlib import Path
+
+    import study
+    import train
+
+    args = study.parse_args(["--model", "tiny", "--grid", "dora=0,true", "--grid", "init=kaiming,pissa",
+                             "--grid-steps", "2", "--", "--systems", "12", "--context-length", "64"])
+    runs = study.grid_runs(args)
+    assert [r["name"] for r in runs] == ["grid-dora0-initkaiming", "grid-dora0-initpissa", "grid-doratrue-initkaiming",
+                                         "grid-doratrue-initpissa"]
+    resolved = [train.resolve_args(study.train_argv(args, r, Path("-")))[0] for r in runs]
+    assert [(a.dora, a.init) for a in resolved] == [(False, "kaiming"), (False, "pissa"), (True, "kaiming"),
+                                                    (True, "pissa")]
+    assert "--no-dora" in study.train_argv(args, runs[0], Path("-"))
+    plain, pissa, dora, _ = (study.projected_flops(args, r) for r in runs)
+    assert dora["train"] > plain["train"] == pissa["train"]  # DoRA's norms cost; PiSSA's start does not
+    assert pissa["forecast"] > plain["forecast"]  # its converted adapter runs at rank 2r
+    with pytest.raises(UserError, match="'dora' is on or off; give its values as 0,1"):
+        study.parse_args(["--grid", "dora=0,maybe"])
