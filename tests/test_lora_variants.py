@@ -433,3 +433,24 @@ def test_study_grid_varies_on_off_flags_and_variants(tmp_path):
     assert pissa["forecast"] > plain["forecast"]  # its converted adapter runs at rank 2r
     with pytest.raises(UserError, match="'dora' is on or off; give its values as 0,1"):
         study.parse_args(["--grid", "dora=0,maybe"])
+
+
+def test_bench_variants_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
+    import importlib
+    import sys
+
+    from tests.conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        variants = importlib.import_module("variants")
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    argv = ["--model", "tiny", "--steps", "2", "--eval-every", "2", "--batch-size", "2", "--context-length", "64",
+            "--eval-systems", "2", "--eval-context-steps", "5", "--horizon", "2", "--out", str(tmp_path),
+            "--device", "cpu", "--variants", "dora,pissa", "--", "--systems", "12", "--eval-batches", "1"]
+    rows = variants.main(argv)
+    assert [(r["variant"], r["steps"]) for r in rows] == [("dora", 2), ("pissa", 2)]
+    assert rows[0]["flops"] > rows[1]["flops"]  # DoRA's steps cost more
+    assert "| dora | --dora | 2 |" in capsys.readouterr().out
+    assert variants.main(argv) == json.loads((tmp_path / "variants.json").read_text())["results"]  # kept, not retrained
