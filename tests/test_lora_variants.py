@@ -274,6 +274,23 @@ def test_converted_adapter_equals_peft_and_applies_to_the_original_base(tmp_path
         torch.testing.assert_close(loaded(IDS).logits, trained, atol=1e-5, rtol=1e-5)
 
 
+def test_unconverted_peft_pissa_adapter_loads_here_and_merges_as_peft(tmp_path):
+    """Saved without conversion, a PiSSA adapter says init_lora_weights="pissa": loading it redoes the SVD."""
+    hf, _, path = twin(tmp_path)
+    pm = peft_model(hf, init_lora_weights="pissa")
+    randomize_B(pm)
+    pm.save_pretrained(tmp_path / "peft")
+    ours = load_model(path)
+    lora.load_adapter(ours, tmp_path / "peft")
+    assert ours.lora_config["init_lora_weights"] == "pissa"
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS), pm.eval()(IDS).logits, atol=1e-5, rtol=1e-5)
+    lora.merge(ours)
+    theirs = dict(pm.merge_and_unload().named_parameters())
+    for name, m in lora.lora_modules(ours).items():
+        torch.testing.assert_close(m.weight, theirs[f"{name}.weight"], atol=1e-6, rtol=1e-6, msg=name)
+
+
 def test_pissa_model_reloads_its_own_converted_adapter_bit_for_bit(tmp_path):
     _, ours, path = twin(tmp_path)
     lora.apply_lora(ours, rank=4, targets=TARGETS, init="pissa", verbose=False)
