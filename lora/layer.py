@@ -15,6 +15,9 @@ computes x W^T with W dequantized on the fly; LoRA on top is unchanged. Merging 
 is refused: the merged W + BA would have to be quantized again, and since the update BA is mostly far
 smaller than a 4-bit step it would round away. Export merges into the dequantized weight instead
 (`merged_weight`, written in bf16).
+
+The variants change one thing each: dora.py subclasses this layer (a magnitude per output row),
+init.py changes how A and B (and for PiSSA/OLoRA, W) start, loraplus.py gives B its own learning rate.
 """
 
 from __future__ import annotations
