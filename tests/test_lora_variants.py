@@ -241,6 +241,12 @@ def test_pissa_and_olora_initial_factors_and_residual_equal_peft(tmp_path, monke
         assert torch.equal(p, theirs[name]), name  # A, B and the residual W alike
     with torch.no_grad():
         torch.testing.assert_close(ours(IDS), hf(IDS).logits, atol=1e-5, rtol=1e-5)  # W_res + sBA = W
+    theirs_logits, theirs_grads = grads(pm.train(), IDS, peft_name)
+    our_logits, our_grads = grads(ours.train(), IDS)
+    torch.testing.assert_close(our_logits, theirs_logits, atol=1e-5, rtol=1e-5)
+    assert set(our_grads) == set(theirs_grads)
+    for n in our_grads:
+        torch.testing.assert_close(our_grads[n], theirs_grads[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
 @pytest.mark.parametrize("init, rslora", [("pissa", False), ("olora", True)])
