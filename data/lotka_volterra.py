@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from common import UserError, atomic_path, run_cli
 
@@ -45,11 +46,22 @@ class Trajectories:
 
 
 # --------------------------------------------------------------------------------------- simulator
-def lv_rhs(state: np.ndarray, params: np.ndarray) -> np.ndarray:
-    """d(state)/dt for N systems at once: state (N, 2), params (N, 4) = alpha, beta, gamma, delta."""
-    x, y = state[:, 0], state[:, 1]
-    alpha, beta, gamma, delta = params.T
-    return np.stack([alpha * x - beta * x * y, delta * x * y - gamma * y], axis=1)
+def lv_rhs(state, params):
+    """d(state)/dt for many systems at once: state (..., 2), params (..., 4) = alpha, beta, gamma, delta.
+    numpy arrays or torch tensors alike (forecast_baselines.py fits the parameters through it in torch)."""
+    x, y = state[..., 0], state[..., 1]
+    alpha, beta, gamma, delta = (params[..., k] for k in range(4))
+    stack = torch.stack if isinstance(state, torch.Tensor) else np.stack
+    return stack([alpha * x - beta * x * y, delta * x * y - gamma * y], axis=-1)
+
+
+def rk4_step(state, params, h: float):
+    """One classic RK4 step of size h from state (..., 2); numpy or torch, as lv_rhs."""
+    k1 = lv_rhs(state, params)
+    k2 = lv_rhs(state + 0.5 * h * k1, params)
+    k3 = lv_rhs(state + 0.5 * h * k2, params)
+    k4 = lv_rhs(state + h * k3, params)
+    return state + (h / 6.0) * (k1 + 2 * k2 + 2 * k3 + k4)
 
 
 def integrate_rk4(initial: np.ndarray, params: np.ndarray, time: np.ndarray, substeps: int = 20) -> np.ndarray:
@@ -60,11 +72,7 @@ def integrate_rk4(initial: np.ndarray, params: np.ndarray, time: np.ndarray, sub
     for i in range(len(time) - 1):
         h = (time[i + 1] - time[i]) / substeps
         for _ in range(substeps):
-            k1 = lv_rhs(state, params)
-            k2 = lv_rhs(state + 0.5 * h * k1, params)
-            k3 = lv_rhs(state + 0.5 * h * k2, params)
-            k4 = lv_rhs(state + h * k3, params)
-            state = state + (h / 6.0) * (k1 + 2 * k2 + 2 * k3 + k4)
+            state = rk4_step(state, params, h)
         out[:, i + 1] = state
     return out
 

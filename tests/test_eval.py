@@ -198,7 +198,8 @@ def test_cli_base_adapter_and_baselines_side_by_side(tmp_path, capsys):
     out = capsys.readouterr().out
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["systems"] == report["systems"] == 3 and saved["horizon"] == 4 and saved["context_steps"] == 10
-    assert list(saved["results"]) == ["tiny", str(tmp_path / "run"), "naive_last", "naive_linear"]
+    assert list(saved["results"]) == ["tiny", str(tmp_path / "run"), "naive_last", "naive_linear", "seasonal_naive",
+                                      "autoregression", "lv_fit"]
     for name in ("tiny", str(tmp_path / "run")):
         r = saved["results"][name]
         assert {"mae", "mse", "rmse", "prey", "predator", "per_step", "invalid", "short", "loss", "ppl"} <= set(r)
