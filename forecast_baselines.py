@@ -11,8 +11,8 @@ Every baseline maps the same (N, K, 2) context the model reads (prey, predator; 
                    least squares on the training split, iterated over the horizon; p chosen on the
                    validation split (the "same data, no language model" comparison);
 - lv_fit:          the Lotka-Volterra equations fitted to each system's context (four rates and the
-                   initial state, gradient descent in log space through data/'s RK4, a few seeded
-                   starts) and integrated forward: the physics reference, how well anything could do
+                   initial state, least squares in log space by Levenberg-Marquardt through data/'s
+                   RK4, a few seeded starts) and integrated forward: the physics reference, how well anything could do
                    knowing the true model family.
 
 `all_baselines` runs them all on one context; the first two are cheap enough to call anywhere.
@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from data.lotka_volterra import rk4_step
 
@@ -151,15 +150,17 @@ def autoregression(context: np.ndarray, horizon: int, train: np.ndarray, val: np
 
 
 # ----------------------------------------------------------------------------- Lotka-Volterra fit
-def integrate(log_params: torch.Tensor, log_initial: torch.Tensor, steps: int, substeps: int) -> torch.Tensor:
-    """(B, 4) log-rates per step, (B, 2) log-initial state -> (B, steps, 2): data/'s RK4, time in steps."""
-    params, state = log_params.exp(), log_initial.exp()
+def integrate(log_params: np.ndarray, log_initial: np.ndarray, steps: int, substeps: int) -> np.ndarray:
+    """(B, 4) log-rates per step, (B, 2) log-initial state -> (B, steps, 2): data/'s RK4, time in steps
+    (rates per step are rates per time unit times the step; the forecast is the same either way)."""
+    params, state = np.exp(log_params), np.exp(log_initial)
     path, h = [state], 1.0 / substeps
-    for _ in range(steps - 1):
-        for _ in range(substeps):
-            state = rk4_step(state, params, h)
-        path.append(state)
-    return torch.stack(path, dim=1)  # (B, steps, 2)
+    with np.errstate(over="ignore", invalid="ignore"):  # a diverging trial is rejected by its cost
+        for _ in range(steps - 1):
+            for _ in range(substeps):
+                state = rk4_step(state, params, h)
+            path.append(state)
+    return np.stack(path, axis=1)  # (B, steps, 2)
 
 
 def rate_guess(context: np.ndarray) -> np.ndarray:
@@ -180,56 +181,66 @@ def rate_guess(context: np.ndarray) -> np.ndarray:
     return np.maximum(np.stack([alpha, -minus_beta, -minus_gamma, delta], axis=1), 1e-3)
 
 
-def fit_lotka_volterra(context: np.ndarray, starts: int = 4, iterations: int = 80, lr: float = 0.1,
-                       substeps: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fit each system's context (N, K, 2); returns (rates per step (N, 4), initial state (N, 2), the
-    relative mean squared error of the fit (N,)).
+def residuals(theta: np.ndarray, observed: np.ndarray, scale: np.ndarray, substeps: int) -> np.ndarray:
+    """theta (R, 6) = log-rates, log-initial state -> (R, 2K): (simulated - observed) / context mean."""
+    simulated = integrate(theta[:, :4], theta[:, 4:], observed.shape[1], substeps)  # (R, K, 2)
+    return ((simulated - observed) / scale).reshape(len(theta), -1)
 
-    All systems and starts are one batch of N * starts rows. Start 0 is rate_guess, the others scale
-    it by exp(N(0, 0.7)) per rate (seeded). Adam on the log-rates and log-initial state minimises the
-    squared error relative to each variable's context mean; the best start per system is kept."""
+
+def fit_lotka_volterra(context: np.ndarray, starts: int = 4, iterations: int = 40, substeps: int = 4,
+                       seed: int = 0, eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fit each system's context (N, K, 2); returns (rates per step (N, 4), initial state (N, 2), the
+    mean squared relative error of the fit (N,)).
+
+    Least squares on the log-rates and log-initial state, all systems and starts as one batch of
+    N * starts rows, by Levenberg-Marquardt: each iteration takes the Jacobian of the residuals through
+    the RK4 integration (forward differences, the 6 shifted copies integrated in the same batch) and
+    steps by (J'J + damping diag(J'J))^-1 J'r, kept where it lowers the error. Start 0 is rate_guess,
+    the others scale its rates by exp(N(0, 0.7)) each (seeded); the best start per system is kept."""
     N, K, _ = context.shape
     rng = np.random.default_rng(seed)
-    guess = np.log(np.repeat(rate_guess(context), starts, axis=0))  # (N * starts, 4)
+    guess = np.log(np.repeat(rate_guess(context), starts, axis=0))  # (R, 4), R = N * starts
     guess[np.arange(len(guess)) % starts != 0] += rng.normal(0, 0.7, size=(N * (starts - 1), 4))
-    log_params = torch.tensor(guess, requires_grad=True)
-    log_initial = torch.tensor(np.repeat(logs(context[:, 0]), starts, axis=0), requires_grad=True)  # (N * starts, 2)
-    observed = torch.tensor(np.repeat(context, starts, axis=0))  # (N * starts, K, 2)
-    scale = observed.mean(dim=1, keepdim=True).clamp_min(LOG_FLOOR)  # (N * starts, 1, 2)
-    opt = torch.optim.Adam([log_params, log_initial], lr=lr)
+    theta = np.concatenate([guess, np.repeat(logs(context[:, 0]), starts, axis=0)], axis=1)  # (R, 6)
+    observed = np.repeat(context, starts, axis=0)  # (R, K, 2)
+    scale = np.maximum(observed.mean(axis=1, keepdims=True), LOG_FLOOR)  # (R, 1, 2)
+    r = residuals(theta, observed, scale, substeps)  # (R, 2K)
+    cost, damping = finite_cost(r), np.full(len(theta), 1e-2)
     for _ in range(iterations):
-        loss = fit_error(log_params, log_initial, observed, scale, substeps)  # (N * starts,)
-        opt.zero_grad()
-        torch.where(torch.isfinite(loss), loss, 0.0).sum().backward()  # rows are independent
-        for t in (log_params, log_initial):
-            t.grad.nan_to_num_(0.0, 0.0, 0.0)
-        opt.step()
-        with torch.no_grad():
-            log_params.clamp_(-9.0, 3.0)
-    with torch.no_grad():
-        loss = fit_error(log_params, log_initial, observed, scale, substeps).nan_to_num(float("inf"))
-    best = loss.view(N, starts).argmin(dim=1) + torch.arange(N) * starts  # (N,) rows of the best starts
-    return (log_params[best].detach().exp().numpy(), log_initial[best].detach().exp().numpy(), loss[best].numpy())
+        shifted = (theta[:, None, :] + eps * np.eye(6)[None]).reshape(-1, 6)  # (R * 6, 6)
+        r_shifted = residuals(shifted, np.repeat(observed, 6, axis=0), np.repeat(scale, 6, axis=0), substeps)
+        J = ((r_shifted.reshape(len(theta), 6, -1) - r[:, None]) / eps).transpose(0, 2, 1)  # (R, 2K, 6)
+        JtJ = np.einsum("rki,rkj->rij", J, J)  # (R, 6, 6)
+        Jtr = np.einsum("rki,rk->ri", J, r)  # (R, 6)
+        lhs = JtJ + damping[:, None, None] * (np.eye(6) * JtJ) + 1e-12 * np.eye(6)
+        step = -np.linalg.solve(np.nan_to_num(lhs), np.nan_to_num(Jtr)[..., None])[..., 0]  # (R, 6)
+        trial = np.clip(theta + step, -12.0, 4.0)
+        r_trial = residuals(trial, observed, scale, substeps)
+        better = finite_cost(r_trial) < cost
+        theta[better], r[better], cost[better] = trial[better], r_trial[better], finite_cost(r_trial)[better]
+        damping = np.where(better, damping / 3, damping * 4)
+    best = cost.reshape(N, starts).argmin(axis=1) + np.arange(N) * starts  # (N,) rows of the best starts
+    return np.exp(theta[best, :4]), np.exp(theta[best, 4:]), cost[best]
 
 
-def fit_error(log_params, log_initial, observed, scale, substeps) -> torch.Tensor:
-    """Mean over steps and variables of ((simulated - observed) / context mean)^2 -> (rows,)."""
-    simulated = integrate(log_params, log_initial, observed.shape[1], substeps)
-    return (((simulated - observed) / scale) ** 2).mean(dim=(1, 2))
+def finite_cost(r: np.ndarray) -> np.ndarray:
+    """(R, 2K) -> (R,) mean squared residual; inf where the simulation diverged."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        cost = np.mean(r**2, axis=1)
+    return np.where(np.isfinite(cost), cost, np.inf)
 
 
-def lv_fit(context: np.ndarray, horizon: int, starts: int = 4, iterations: int = 80, substeps: int = 4,
+def lv_fit(context: np.ndarray, horizon: int, starts: int = 4, iterations: int = 40, substeps: int = 4,
            seed: int = 0) -> tuple[np.ndarray, dict]:
     """(N, K, 2) -> (N, H, 2): the fitted equations integrated on from the fitted initial state.
     A system whose fit or forecast is not finite falls back to persistence, counted as `failed`."""
     rates, initial, error = fit_lotka_volterra(context, starts, iterations, substeps=substeps, seed=seed)
     K = context.shape[1]
-    with torch.no_grad():
-        path = integrate(torch.tensor(np.log(rates)), torch.tensor(np.log(initial)), K + horizon, substeps)
-    forecast = path[:, K:].numpy()
+    forecast = integrate(np.log(rates), np.log(initial), K + horizon, substeps)[:, K:]
     bad = ~np.isfinite(forecast).all(axis=(1, 2)) | ~np.isfinite(error)
     forecast[bad] = naive_last(context[bad], horizon)
-    return forecast, {"failed": int(bad.sum()), "median_fit_error": float(np.median(error[~bad])) if (~bad).any() else None}
+    return forecast, {"failed": int(bad.sum()),
+                      "median_fit_error": float(np.median(error[~bad])) if (~bad).any() else None}
 
 
 # ------------------------------------------------------------------------------------------ all

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from common import UserError, atomic_path, run_cli
 
@@ -46,17 +45,15 @@ class Trajectories:
 
 
 # --------------------------------------------------------------------------------------- simulator
-def lv_rhs(state, params):
-    """d(state)/dt for many systems at once: state (..., 2), params (..., 4) = alpha, beta, gamma, delta.
-    numpy arrays or torch tensors alike (forecast_baselines.py fits the parameters through it in torch)."""
+def lv_rhs(state: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """d(state)/dt for many systems at once: state (..., 2), params (..., 4) = alpha, beta, gamma, delta."""
     x, y = state[..., 0], state[..., 1]
     alpha, beta, gamma, delta = (params[..., k] for k in range(4))
-    stack = torch.stack if isinstance(state, torch.Tensor) else np.stack
-    return stack([alpha * x - beta * x * y, delta * x * y - gamma * y], axis=-1)
+    return np.stack([alpha * x - beta * x * y, delta * x * y - gamma * y], axis=-1)
 
 
-def rk4_step(state, params, h: float):
-    """One classic RK4 step of size h from state (..., 2); numpy or torch, as lv_rhs."""
+def rk4_step(state: np.ndarray, params: np.ndarray, h: float) -> np.ndarray:
+    """One classic RK4 step of size h from state (..., 2) (forecast_baselines.py's fit steps with it too)."""
     k1 = lv_rhs(state, params)
     k2 = lv_rhs(state + 0.5 * h * k1, params)
     k3 = lv_rhs(state + 0.5 * h * k2, params)
