@@ -65,6 +65,9 @@ def parse_args(argv=None):
     a("--horizon", type=int, default=20)
     a("--samples", type=int, default=1)
     a("--temperature", type=float, default=0.0)
+    a("--val-samples", type=int, default=None,
+      help="samples per validation forecast (default: --samples); 1 forecasts the validation split greedily, "
+           "a cheaper way to choose runs when the test forecasts take the median of many samples")
     a("--eval-batch-size", type=int, default=128, help="forecast rows decoded together (systems x samples)")
     a("--budget", type=float, default=1e17, help="FLOPs (coursework accounting) for the whole study")
     a("--dry-run", action="store_true", help="print the plan and stop")
@@ -78,7 +81,9 @@ def parse_args(argv=None):
         raise UserError("step counts must be >= 0 and --eval-systems at least 1")
     if args.bootstrap < 10:
         raise UserError("--bootstrap needs at least 10 resamples for a 95% interval (1000 is the default)")
-    if args.samples > 1 and args.temperature == 0:
+    if (args.val_samples is not None and args.val_samples < 1) or args.samples < 1:
+        raise UserError("--samples and --val-samples must be at least 1")
+    if max(args.samples, args.val_samples or 1) > 1 and args.temperature == 0:
         raise UserError("--samples > 1 needs --temperature > 0 (greedy samples would all be the same)")
     if args.data and str(args.data).endswith(".jsonl"):
         raise UserError("study.py is the forecasting study (its test phase scores forecasts); train on chat data "
@@ -129,17 +134,26 @@ def projected_flops(args, run: dict) -> dict:
             "forecast": forecast_estimate(args, model, cfg, info["tokens_per_step"], tok, info["split_sizes"]["val"])}
 
 
-def forecast_estimate(args, config, lora_cfg, step_tokens: int, tok, split_size: int) -> int:
+def forecast_estimate(args, config, lora_cfg, step_tokens: int, tok, split_size: int, split: str = "val") -> int:
     """Prompts of --eval-context-steps timesteps, --horizon timesteps generated, --samples each, in the
     calls eval.generate_forecasts makes (each prompt prefilled once; lm_head on the allowed tokens), for
     --eval-systems systems or the whole split of `split_size`, whichever is fewer."""
     from eval import allowed_token_ids
 
-    per_call, head_vocab = max(1, args.eval_batch_size // args.samples), len(allowed_token_ids(tok))
+    samples = sampling(args, split)[0]
+    per_call, head_vocab = max(1, args.eval_batch_size // samples), len(allowed_token_ids(tok))
     n = min(args.eval_systems or split_size, split_size)
     calls = [min(per_call, n - s) for s in range(0, n, per_call)]
     return sum(flops.generation(config, b, args.eval_context_steps * step_tokens, args.horizon * step_tokens - 1,
-                                lora_cfg, samples=args.samples, head_vocab=head_vocab)["coursework"] for b in calls)
+                                lora_cfg, samples=samples, head_vocab=head_vocab)["coursework"] for b in calls)
+
+
+def sampling(args, split: str) -> tuple[int, float]:
+    """(samples, temperature) of the forecasts of a split: --samples and --temperature, except that
+    validation takes --val-samples when given (greedy when it is 1)."""
+    if split == "val" and args.val_samples is not None:
+        return args.val_samples, args.temperature if args.val_samples > 1 else 0.0
+    return args.samples, args.temperature
 
 
 _PROJECTION, _DATA = {}, {}
@@ -199,7 +213,7 @@ def make_plan(args) -> list[tuple[dict, dict]]:
                 "target_modules": train.DEFAULTS["targets"]}
     plan.append((test, {"train": 0, "validation": 0,
                         "forecast": 2 * forecast_estimate(args, model, lora_cfg, step_tokens, tok,
-                                                          info["split_sizes"]["test"])}))
+                                                          info["split_sizes"]["test"], "test")}))
     return plan
 
 
@@ -291,8 +305,8 @@ def forecast(args, name: str, model, tok, run_cfg: dict, split: str, ledger: Led
     task = forecast_task(values, scaler, decimals, args.eval_context_steps, args.horizon)
     start, end = group.span(len(task.prompts))
     used = {}
-    texts = ev.generate_forecasts(model, tok, task.prompts[start:end], args.horizon, decimals, args.samples,
-                                  args.temperature, args.eval_batch_size, seed=0, flops_used=used, first=start)
+    texts = ev.generate_forecasts(model, tok, task.prompts[start:end], args.horizon, decimals, *sampling(args, split),
+                                  args.eval_batch_size, seed=0, flops_used=used, first=start)
     shares = group.all_gather((texts, used))
     texts = [t for share, _ in shares for t in share]
     metrics = ev.evaluate_forecasts(texts, task, scaler, decimals, args.horizon)

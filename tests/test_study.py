@@ -118,3 +118,17 @@ def test_killed_study_resumes_to_the_same_result_without_retraining(finished, tm
     study.main(["--out", str(out), *STUDY])
     assert first.read_bytes() == before  # a finished run is not trained again
     assert comparable(out / "study.json") == comparable(finished[0] / "study.json")
+
+
+def test_validation_can_be_forecast_greedily_while_the_test_takes_samples(tmp_path):
+    sampled = [*STUDY[: STUDY.index("--")], "--samples", "3", "--temperature", "1.0", *STUDY[STUDY.index("--"):]]
+    greedy_val = [*sampled[: sampled.index("--")], "--val-samples", "1", *sampled[sampled.index("--"):]]
+    args = study.parse_args(greedy_val)
+    assert study.sampling(args, "val") == (1, 0.0) and study.sampling(args, "test") == (3, 1.0)
+    assert study.sampling(study.parse_args(sampled), "val") == (3, 1.0)  # by default validation samples as the test does
+    both = study.main(["--out", str(tmp_path / "a"), "--dry-run", *sampled])["plan"]
+    cheap = study.main(["--out", str(tmp_path / "b"), "--dry-run", *greedy_val])["plan"]
+    assert all(c["forecast"] < b["forecast"] for b, c in zip(both[:-1], cheap[:-1]))  # validation forecasts
+    assert cheap[-1] == both[-1]  # the test forecasts are the same
+    with pytest.raises(UserError, match="--val-samples"):
+        study.parse_args([*STUDY[: STUDY.index("--")], "--val-samples", "0"])
