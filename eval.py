@@ -222,8 +222,8 @@ def print_table(results: dict, header: str, compared: list[dict] | None = None) 
         label = name if len(name) <= 27 else "..." + name[-24:]
         extra = f"{r['invalid']:>9}{r['short']:>7}" if "invalid" in r else f"{'—':>9}{'—':>7}"
         mase = with_interval(r, "mase") if "mase" in r else "—"
-        print(f"{label:<28}{with_interval(r, 'mae'):>26}{with_interval(r, 'mse'):>26}{mase:>26}{r['prey']['mae']:>10.4f}"
-              f"{r['predator']['mae']:>10.4f}{extra}")
+        print(f"{label:<28}{with_interval(r, 'mae'):>26}{with_interval(r, 'mse'):>26}{mase:>26}"
+              f"{r['prey']['mae']:>10.4f}{r['predator']['mae']:>10.4f}{extra}")
     print_notes(results, compared or [])
     if any("loss" in r for r in results.values()):
         print(f"\n{'':<28}{'text loss':>10}{'ppl':>11}")
@@ -236,7 +236,8 @@ def print_notes(results: dict, compared: list[dict]) -> None:
     """Sample scores, what the baselines report, and the paired differences."""
     for name, r in results.items():
         if "crps" in r:
-            print(f"{name}: CRPS {with_interval(r, 'crps')}, 10-90% interval covers {r['coverage_10_90']:.1%} of the truth")
+            print(f"{name}: CRPS {with_interval(r, 'crps')}, "
+                  f"10-90% interval covers {r['coverage_10_90']:.1%} of the truth")
     notes = {"seasonal_naive": lambda r: f"no period found in {r['no_period']} contexts (persistence there)",
              "autoregression": lambda r: f"p = {r['p']} lags, chosen on the validation split",
              "lv_fit": lambda r: f"{r['failed']} fits not finite (persistence there)"}
@@ -423,8 +424,8 @@ def main(argv=None) -> dict:
               "data": source, "bootstrap": {"resamples": args.bootstrap, "seed": args.bootstrap_seed},
               "results": results, "comparisons": compared}
     print_table(results, f"{len(values)} {args.split} systems, {args.context_steps} context steps, horizon "
-                         f"{args.horizon}, {args.samples} sample(s) at temperature {args.temperature} (errors in original "
-                         f"units; 95% bootstrap intervals over systems, {args.bootstrap} resamples)", compared)
+                         f"{args.horizon}, {args.samples} sample(s) at temperature {args.temperature} (errors in "
+                         f"original units; 95% bootstrap intervals over systems, {args.bootstrap} resamples)", compared)
     if args.json:
         write_json(args.json, report)
     if args.plots:

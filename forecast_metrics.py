@@ -53,7 +53,8 @@ def bootstrap_means(per_system: np.ndarray, resamples: int, seed: int) -> np.nda
     return np.where(finite, draws, 0).sum(axis=1) / np.maximum(finite.sum(axis=1), 1)
 
 
-def bootstrap_interval(per_system: np.ndarray, resamples: int = 1000, seed: int = 0, level: float = LEVEL) -> list[float]:
+def bootstrap_interval(per_system: np.ndarray, resamples: int = 1000, seed: int = 0,
+                       level: float = LEVEL) -> list[float]:
     """The percentile bootstrap interval of the mean over systems: [low, high]."""
     means = bootstrap_means(per_system, resamples, seed)
     tail = (1 - level) / 2

@@ -383,8 +383,9 @@ def test_phase(args, final: dict, base, tok, ledger: Ledger, group: distributed.
     forecasts.update({name: f for name, (f, _) in baselines.items()})
     for r in results.values():
         forecast_metrics.add_intervals(r, args.bootstrap, args.bootstrap_seed)
-    compared = forecast_metrics.comparisons(results, [final["name"], "untrained"], [b for b in baselines if b != "lv_fit"],
-                                            "lv_fit", args.bootstrap, args.bootstrap_seed)
+    compared = forecast_metrics.comparisons(results, [final["name"], "untrained"],
+                                            [b for b in baselines if b != "lv_fit"], "lv_fit",
+                                            args.bootstrap, args.bootstrap_seed)
     val_task = forecast_task(split_values(args, cfg, "val"), Scaler(1.0), 2, args.eval_context_steps, args.horizon)
     val_baselines = {name: forecast_metrics.add_intervals(r, args.bootstrap, args.bootstrap_seed)
                      for name, (_, r) in baselines_on(args, cfg, "val", val_task).items()}
@@ -511,7 +512,7 @@ def results_markdown(args, grid, context, report) -> str:
     t = report["test"]
     lines += [f"## Test ({t['systems']} systems, {args.eval_context_steps} context steps, horizon {args.horizon}; "
               f"final run: {report['final']}; 95% bootstrap intervals over systems)", "",
-              "| model | MAE | MSE | MASE | prey MAE | predator MAE | MAE step 1 | MAE step " + f"{args.horizon} | invalid |",
+              f"| model | MAE | MSE | MASE | prey MAE | predator MAE | MAE step 1 | MAE step {args.horizon} | invalid |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in t["results"].items():
         lines.append(f"| {name} | {interval(r, 'mae')} | {interval(r, 'mse')} | {interval(r, 'mase')} | "
@@ -630,8 +631,8 @@ def error_vs_flops(save, plt, runs: list[dict], test: dict) -> None:
             ax.errorbar([r["flops"]["coursework"]], [mae], yerr=err, fmt="o", capsize=3, label=r["name"])
         for k, name in enumerate(b for b in baselines if b not in ("untrained", final_name)):
             ax.axhline(baselines[name]["mae"], color=f"C{(k + len(points)) % 10}", ls="--", lw=1, label=name)
-        ax.set(xscale="log", xlabel="FLOPs the run used (coursework accounting)", ylabel=f"{split} MAE (original units)",
-               title=f"{split} error against compute")
+        ax.set(xscale="log", xlabel="FLOPs the run used (coursework accounting)",
+               ylabel=f"{split} MAE (original units)", title=f"{split} error against compute")
         ax.legend(fontsize=6)
     save(fig, "error_vs_flops.png")
 
