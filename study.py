@@ -350,7 +350,7 @@ def run_phase(args, runs_and_costs, base, tok, ledger: Ledger, group: distribute
         r = records[-1]
         if group.is_main:
             print(f"{run['name']}: val loss {r['val_loss']:.4f}, val MAE {r['val_mae']:.4f}, MSE {r['val_mse']:.4f}, "
-                  f"MASE {r['val_mase']:.4f}; "
+                  f"MASE {r.get('val_mase', float('nan')):.4f}; "
                   f"{r['flops']['coursework']:.3e} FLOPs; study {ledger.total():.3e} / {args.budget:.3g}", file=sys.stderr)
     return records
 
@@ -546,7 +546,7 @@ def validation_table(runs: list[dict], baselines: dict) -> list[str]:
              "| run | val loss | val MAE | val MSE | val MASE | FLOPs (coursework) |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in runs:
-        m = {"mae": r["val_mae"], "mse": r["val_mse"], "mase": r["val_mase"], "ci": r.get("val_ci", {})}
+        m = {"mae": r["val_mae"], "mse": r["val_mse"], "mase": r.get("val_mase", float("nan")), "ci": r.get("val_ci", {})}
         lines.append(f"| {r['name']} | {r['val_loss']:.4f} | {interval(m, 'mae')} | {interval(m, 'mse')} | "
                      f"{interval(m, 'mase')} | {r['flops']['coursework']:.3e} |")
     lines += [f"| {name} | — | {interval(b, 'mae')} | {interval(b, 'mse')} | {interval(b, 'mase')} | 0 |"

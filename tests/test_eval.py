@@ -209,6 +209,12 @@ def test_cli_base_adapter_and_baselines_side_by_side(tmp_path, capsys):
     # training moved the text loss
     assert saved["results"][str(tmp_path / "run")]["loss"] < saved["results"]["tiny"]["loss"]
     assert "naive_linear" in out and "MAE" in out
+    for r in saved["results"].values():  # every entry with its intervals, MASE included
+        assert r["ci"]["mae"][0] <= r["mae"] <= r["ci"]["mae"][1] and len(r["per_system_mase"]) == 3
+    assert {(c["model"], c["role"], c["metric"]) for c in saved["comparisons"]} == {
+        (m, role, metric) for m in ("tiny", str(tmp_path / "run")) for role in ("best baseline", "physics reference")
+        for metric in ("mae", "mase")}
+    assert "(best baseline), MAE:" in out
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["error_histogram.png", "error_vs_horizon.png", "forecasts.png"]
 
 
