@@ -67,7 +67,8 @@ def error_metrics(forecast: np.ndarray, target: np.ndarray, context: np.ndarray 
     out = {**summary(err), "prey": summary(err[..., 0]), "predator": summary(err[..., 1]),
            "per_step": [{"step": k + 1, **summary(err[:, k])} for k in range(err.shape[1])],
            "per_system_mae": np.mean(np.abs(err), axis=(1, 2)).tolist(),
-           "per_system_mse": np.mean(err**2, axis=(1, 2)).tolist()}
+           "per_system_mse": np.mean(err**2, axis=(1, 2)).tolist(),
+           "per_system_step_mae": np.mean(np.abs(err), axis=2).tolist()}  # (N, H): for the intervals by step
     if context is not None:
         scaled = forecast_metrics.scaled_errors(forecast, target, context)
         for step, mase in zip(out["per_step"], scaled.pop("per_step_mase")):
@@ -249,6 +250,15 @@ def print_notes(results: dict, compared: list[dict]) -> None:
               f"[{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}]: {c['verdict']} it")
 
 
+def plot_with_band(ax, per_step: list[dict], label: str) -> None:
+    """MAE against the horizon step, shaded by its 95% interval where there is one."""
+    steps = [s["step"] for s in per_step]
+    line, = ax.plot(steps, [s["mae"] for s in per_step], marker=".", label=label)
+    if all("mae_ci" in s for s in per_step):
+        ax.fill_between(steps, [s["mae_ci"][0] for s in per_step], [s["mae_ci"][1] for s in per_step],
+                        color=line.get_color(), alpha=0.15, lw=0)
+
+
 def make_plots(folder: Path, task, forecasts: dict[str, np.ndarray], results: dict, n_systems: int = 4) -> list[Path]:
     try:
         import matplotlib
@@ -277,7 +287,7 @@ def make_plots(folder: Path, task, forecasts: dict[str, np.ndarray], results: di
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in results.items():
-        ax.plot([s["step"] for s in r["per_step"]], [s["mae"] for s in r["per_step"]], marker=".", label=name)
+        plot_with_band(ax, r["per_step"], name)
     ax.set_xlabel("horizon step")
     ax.set_ylabel("MAE (original units)")
     ax.legend(fontsize=7)

@@ -65,6 +65,10 @@ def add_intervals(result: dict, resamples: int, seed: int) -> dict:
     """result["ci"] = {metric: [low, high]} for each per-system metric the result carries."""
     result["ci"] = {m: bootstrap_interval(result[f"per_system_{m}"], resamples, seed)
                     for m in ("mae", "mse", "mase", "crps") if f"per_system_{m}" in result}
+    if "per_system_step_mae" in result:  # each step's MAE, on the same resamples
+        by_step = np.asarray(result["per_system_step_mae"])  # (N, H)
+        for k, step in enumerate(result["per_step"]):
+            step["mae_ci"] = bootstrap_interval(by_step[:, k], resamples, seed)
     return result
 
 

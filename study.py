@@ -516,8 +516,8 @@ def results_markdown(args, grid, context, report) -> str:
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in t["results"].items():
         lines.append(f"| {name} | {interval(r, 'mae')} | {interval(r, 'mse')} | {interval(r, 'mase')} | "
-                     f"{r['prey']['mae']:.4f} | {r['predator']['mae']:.4f} | {r['per_step'][0]['mae']:.4f} | "
-                     f"{r['per_step'][-1]['mae']:.4f} | {r.get('invalid', '—')} |")
+                     f"{r['prey']['mae']:.4f} | {r['predator']['mae']:.4f} | {step_interval(r['per_step'][0])} | "
+                     f"{step_interval(r['per_step'][-1])} | {r.get('invalid', '—')} |")
     lines += [""] + [f"- {name}: CRPS {interval(r, 'crps')}, the 10-90% interval of the samples covers "
                      f"{r['coverage_10_90']:.1%} of the truth" for name, r in t["results"].items() if "crps" in r]
     lines += [f"- {c['model']} minus {c['baseline']} ({c['role']}), {c['metric'].upper()}: {c['diff']:+.4f} "
@@ -538,6 +538,11 @@ def interval(r: dict, metric: str) -> str:
         return "—"
     ci = r.get("ci", {}).get(metric)
     return f"{r[metric]:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+
+
+def step_interval(step: dict) -> str:
+    """One horizon step's MAE and its interval, as `interval` writes them."""
+    return interval({"mae": step["mae"], "ci": {"mae": step["mae_ci"]} if "mae_ci" in step else {}}, "mae")
 
 
 def validation_table(runs: list[dict], baselines: dict) -> list[str]:
@@ -638,6 +643,8 @@ def error_vs_flops(save, plt, runs: list[dict], test: dict) -> None:
 
 
 def test_plots(save, plt, args, test) -> list:
+    import eval as ev
+
     task, forecasts = test["task"], test["forecasts"]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6), sharex=True)
     K, H = task.context.shape[1], task.target.shape[1]
@@ -653,7 +660,7 @@ def test_plots(save, plt, args, test) -> list:
     save(fig, "test_forecasts.png")
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in test["results"].items():
-        ax.plot([s["step"] for s in r["per_step"]], [s["mae"] for s in r["per_step"]], marker=".", label=name)
+        ev.plot_with_band(ax, r["per_step"], name)
     ax.set(xlabel="forecast horizon (timesteps)", ylabel="MAE (original units)", title="test error by horizon")
     ax.legend()
     save(fig, "test_error_by_horizon.png")

@@ -72,3 +72,16 @@ def test_samples_give_median_crps_and_coverage_in_evaluate_forecasts():
     expected = fm.crps_from_samples(np.array([1.0, 3.0, 2.0]).reshape(3, 1, 1, 1) * np.ones((3, 1, 1, 2)), task.target)
     assert r["crps"] == pytest.approx(float(expected[0]))
     assert "crps" not in ev.evaluate_forecasts([["2.00,2.00;"]], task, Scaler(alpha=1.0), 2, 1)
+
+
+def test_add_intervals_covers_every_metric_and_every_step_on_the_same_resamples():
+    rng = np.random.default_rng(3)
+    target, forecast = rng.normal(size=(30, 4, 2)), rng.normal(size=(30, 4, 2))
+    r = fm.add_intervals(ev.error_metrics(forecast, target, rng.normal(size=(30, 6, 2))), 200, seed=4)
+    assert set(r["ci"]) == {"mae", "mse", "mase"}
+    for metric, (low, high) in r["ci"].items():
+        assert low < r[metric] < high
+    by_step = np.asarray(r["per_system_step_mae"])
+    for k, step in enumerate(r["per_step"]):
+        assert step["mae_ci"] == fm.bootstrap_interval(by_step[:, k], 200, seed=4)
+        assert step["mae_ci"][0] < step["mae"] < step["mae_ci"][1]
