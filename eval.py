@@ -20,8 +20,13 @@ batch size). A forecast that cannot be read in full is never dropped:
 - short:   fewer than `horizon` usable timesteps; the rest is filled by repeating the last usable
   forecast value (or the last context value if there is none), i.e. the naive forecast from there on.
 
-Both are counted and reported. Baselines on the same systems: naive_last (repeat the last observed
-value) and naive_linear (extend the line through the last two observed values).
+Both are counted and reported. Baselines on the same systems (forecast_baselines.py, each reading the
+context alone): naive_last, naive_linear, seasonal_naive, autoregression (fitted on the training split)
+and lv_fit (the Lotka-Volterra equations fitted to each context, the physics reference). Every entry
+has MAE, MSE and the scaled error MASE with a 95% bootstrap interval over systems (`--bootstrap N`,
+`--bootstrap-seed`), and each model is compared with the best baseline and with lv_fit by a paired
+bootstrap difference (forecast_metrics.py). With `--samples N` the point forecast is the median of the
+samples, and the samples are scored by CRPS and the coverage of their 10-90% interval.
 """
 
 from __future__ import annotations
@@ -37,9 +42,12 @@ import torch
 from tqdm import tqdm
 
 import flops
+import forecast_baselines
+import forecast_metrics
 import lora
 from common import UserError, parse_device, read_json, run_cli, weights_dtype, write_json
 from data import Scaler, decode, forecast_task, load_trajectories, make_windows, split_indices, trajectory_texts
+from forecast_baselines import naive_last, naive_linear  # noqa: F401  (eval.naive_last: where they used to live)
 from model import DEFAULT_MODEL, generate, load_pretrained
 from model.loss import mean_loss
 
@@ -47,29 +55,26 @@ FORMAT_CHARS = "0123456789.,;"
 
 
 # ------------------------------------------------------------------------------------------ metrics
-def error_metrics(forecast: np.ndarray, target: np.ndarray) -> dict:
-    """MAE / MSE / RMSE of (N, H, 2) forecasts, overall, per variable and per horizon step."""
+def error_metrics(forecast: np.ndarray, target: np.ndarray, context: np.ndarray | None = None) -> dict:
+    """MAE / MSE / RMSE of (N, H, 2) forecasts, overall, per variable, per horizon step and per system;
+    with the (N, K, 2) context also the scaled error MASE (forecast_metrics.scaled_errors)."""
     err = np.asarray(forecast, dtype=np.float64) - np.asarray(target, dtype=np.float64)
 
     def summary(e):
         mse = float(np.mean(e**2))
         return {"mae": float(np.mean(np.abs(e))), "mse": mse, "rmse": math.sqrt(mse)}
 
-    return {**summary(err), "prey": summary(err[..., 0]), "predator": summary(err[..., 1]),
-            "per_step": [{"step": k + 1, **summary(err[:, k])} for k in range(err.shape[1])],
-            "per_system_mae": np.mean(np.abs(err), axis=(1, 2)).tolist()}
-
-
-def naive_last(context: np.ndarray, horizon: int) -> np.ndarray:
-    """(N, K, 2) -> (N, H, 2): the last observed value, repeated."""
-    return np.repeat(context[:, -1:], horizon, axis=1)
-
-
-def naive_linear(context: np.ndarray, horizon: int) -> np.ndarray:
-    """(N, K, 2) -> (N, H, 2): last + k * (last - previous), k = 1..H (needs K >= 2)."""
-    slope = context[:, -1] - context[:, -2] if context.shape[1] > 1 else np.zeros_like(context[:, -1])
-    k = np.arange(1, horizon + 1)[None, :, None]
-    return context[:, -1:] + k * slope[:, None]
+    out = {**summary(err), "prey": summary(err[..., 0]), "predator": summary(err[..., 1]),
+           "per_step": [{"step": k + 1, **summary(err[:, k])} for k in range(err.shape[1])],
+           "per_system_mae": np.mean(np.abs(err), axis=(1, 2)).tolist(),
+           "per_system_mse": np.mean(err**2, axis=(1, 2)).tolist(),
+           "per_system_step_mae": np.mean(np.abs(err), axis=2).tolist()}  # (N, H): for the intervals by step
+    if context is not None:
+        scaled = forecast_metrics.scaled_errors(forecast, target, context)
+        for step, mase in zip(out["per_step"], scaled.pop("per_step_mase")):
+            step["mase"] = mase
+        out.update(scaled)
+    return out
 
 
 def complete_forecast(text: str, horizon: int, decimals: int, fallback: np.ndarray) -> tuple[np.ndarray, bool, bool]:
@@ -164,8 +169,18 @@ def evaluate_forecasts(texts: list[list[str]], task, scaler: Scaler, decimals: i
             out[j, i] = values
             invalid, short = invalid + bad, short + cut
     forecast = scaler.unscale(median_of_samples(out))
-    return {**error_metrics(forecast, task.target), "invalid": invalid, "short": short,
-            "forecasts": int(n * samples), "forecast_values": forecast}
+    r = {**error_metrics(forecast, task.target, task.context), "invalid": invalid, "short": short,
+         "forecasts": int(n * samples), "forecast_values": forecast}
+    if samples > 1:
+        r.update(sample_scores(scaler.unscale(out), task.target))
+    return r
+
+
+def sample_scores(samples: np.ndarray, target: np.ndarray) -> dict:
+    """CRPS (from the samples) and the coverage of their 10-90% interval, in original units."""
+    crps = forecast_metrics.crps_from_samples(samples, target)
+    coverage = forecast_metrics.interval_coverage(samples, target)
+    return {"crps": float(crps.mean()), "per_system_crps": crps.tolist(), "coverage_10_90": float(coverage.mean())}
 
 
 def text_loss(model, tok, values: np.ndarray, scaler: Scaler, decimals: int, context_length: int, batch_size: int) -> dict:
@@ -193,20 +208,55 @@ def run_settings(adapter: str) -> tuple[Path, dict | None]:
     return path, None
 
 
-def print_table(results: dict, header: str) -> None:
+def with_interval(r: dict, metric: str) -> str:
+    """"0.1234 [0.1100, 0.1400]": the value and its 95% bootstrap interval, when there is one."""
+    ci = r.get("ci", {}).get(metric)
+    return f"{r[metric]:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+
+
+def print_table(results: dict, header: str, compared: list[dict] | None = None) -> None:
     print(header)
-    cols = f"{'':<28}{'MAE':>10}{'MSE':>11}{'RMSE':>10}{'prey MAE':>10}{'pred MAE':>10}{'invalid':>9}{'short':>7}"
+    cols = (f"{'':<28}{'MAE [95% CI]':>26}{'MSE [95% CI]':>26}{'MASE [95% CI]':>26}{'prey MAE':>10}{'pred MAE':>10}"
+            f"{'invalid':>9}{'short':>7}")
     print(cols)
     for name, r in results.items():
         label = name if len(name) <= 27 else "..." + name[-24:]
         extra = f"{r['invalid']:>9}{r['short']:>7}" if "invalid" in r else f"{'—':>9}{'—':>7}"
-        print(f"{label:<28}{r['mae']:>10.4f}{r['mse']:>11.4f}{r['rmse']:>10.4f}{r['prey']['mae']:>10.4f}"
-              f"{r['predator']['mae']:>10.4f}{extra}")
+        mase = with_interval(r, "mase") if "mase" in r else "—"
+        print(f"{label:<28}{with_interval(r, 'mae'):>26}{with_interval(r, 'mse'):>26}{mase:>26}"
+              f"{r['prey']['mae']:>10.4f}{r['predator']['mae']:>10.4f}{extra}")
+    print_notes(results, compared or [])
     if any("loss" in r for r in results.values()):
         print(f"\n{'':<28}{'text loss':>10}{'ppl':>11}")
         for name, r in results.items():
             if "loss" in r:
                 print(f"{(name if len(name) <= 27 else '...' + name[-24:]):<28}{r['loss']:>10.4f}{r['ppl']:>11.4g}")
+
+
+def print_notes(results: dict, compared: list[dict]) -> None:
+    """Sample scores, what the baselines report, and the paired differences."""
+    for name, r in results.items():
+        if "crps" in r:
+            print(f"{name}: CRPS {with_interval(r, 'crps')}, "
+                  f"10-90% interval covers {r['coverage_10_90']:.1%} of the truth")
+    notes = {"seasonal_naive": lambda r: f"no period found in {r['no_period']} contexts (persistence there)",
+             "autoregression": lambda r: f"p = {r['p']} lags, chosen on the validation split",
+             "lv_fit": lambda r: f"{r['failed']} fits not finite (persistence there)"}
+    for name, note in notes.items():
+        if name in results:
+            print(f"{name}: {note(results[name])}")
+    for c in compared:
+        print(f"{c['model']} - {c['baseline']} ({c['role']}), {c['metric'].upper()}: {c['diff']:+.4f} "
+              f"[{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}]: {c['verdict']} it")
+
+
+def plot_with_band(ax, per_step: list[dict], label: str) -> None:
+    """MAE against the horizon step, shaded by its 95% interval where there is one."""
+    steps = [s["step"] for s in per_step]
+    line, = ax.plot(steps, [s["mae"] for s in per_step], marker=".", label=label)
+    if all("mae_ci" in s for s in per_step):
+        ax.fill_between(steps, [s["mae_ci"][0] for s in per_step], [s["mae_ci"][1] for s in per_step],
+                        color=line.get_color(), alpha=0.15, lw=0)
 
 
 def make_plots(folder: Path, task, forecasts: dict[str, np.ndarray], results: dict, n_systems: int = 4) -> list[Path]:
@@ -237,7 +287,7 @@ def make_plots(folder: Path, task, forecasts: dict[str, np.ndarray], results: di
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in results.items():
-        ax.plot([s["step"] for s in r["per_step"]], [s["mae"] for s in r["per_step"]], marker=".", label=name)
+        plot_with_band(ax, r["per_step"], name)
     ax.set_xlabel("horizon step")
     ax.set_ylabel("MAE (original units)")
     ax.legend(fontsize=7)
@@ -286,7 +336,11 @@ def parse_args(argv=None):
       help="auto: bfloat16 on CUDA, float32 on MPS and CPU")
     a("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     a("--quantize", default=None, choices=["nf4"], help="store the base model's projections in 4-bit NF4 (QLoRA runs)")
+    a("--bootstrap", type=int, default=1000, help="resamples of the systems for the 95%% intervals")
+    a("--bootstrap-seed", type=int, default=0, help="seed of the resamples (the same draws for every entry)")
     args = p.parse_args(argv)
+    if args.bootstrap < 10:
+        raise UserError("--bootstrap needs at least 10 resamples for a 95% interval (1000 is the default)")
     if args.samples < 1 or args.horizon < 1 or args.context_steps < 1 or args.batch_size < 1:
         raise UserError("--samples, --horizon, --context-steps and --batch-size must be at least 1")
     if args.temperature < 0:
@@ -366,20 +420,38 @@ def main(argv=None) -> dict:
         variant_task, results[name], forecasts[name] = evaluate_variant(args, tok, values, name, model, scaler,
                                                                         decimals, trained_len)
         task = task or variant_task
-    results["naive_last"] = error_metrics(naive_last(task.context, args.horizon), task.target)
-    results["naive_linear"] = error_metrics(naive_linear(task.context, args.horizon), task.target)
+    models = list(results)
+    baselines = baseline_results(task, dataset[split["train"]], dataset[split["val"]], args.seed)
+    for name, (forecast, r) in baselines.items():
+        results[name], forecasts[name] = r, forecast
+    for r in results.values():
+        forecast_metrics.add_intervals(r, args.bootstrap, args.bootstrap_seed)
+    compared = forecast_metrics.comparisons(results, models, [b for b in baselines if b != "lv_fit"], "lv_fit",
+                                            args.bootstrap, args.bootstrap_seed)
 
     report = {"systems": len(values), "context_steps": args.context_steps, "horizon": args.horizon,
               "split": args.split, "samples": args.samples, "temperature": args.temperature,
-              "data": source, "results": results}
+              "data": source, "bootstrap": {"resamples": args.bootstrap, "seed": args.bootstrap_seed},
+              "results": results, "comparisons": compared}
     print_table(results, f"{len(values)} {args.split} systems, {args.context_steps} context steps, horizon "
-                         f"{args.horizon}, {args.samples} sample(s) at temperature {args.temperature} (errors in original units)")
+                         f"{args.horizon}, {args.samples} sample(s) at temperature {args.temperature} (errors in "
+                         f"original units; 95% bootstrap intervals over systems, {args.bootstrap} resamples)", compared)
     if args.json:
         write_json(args.json, report)
     if args.plots:
         for path in make_plots(Path(args.plots), task, forecasts, results):
             print(f"wrote {path}", file=sys.stderr)
     return report
+
+
+def baseline_results(task, train: np.ndarray, val: np.ndarray, seed: int = 0) -> dict[str, tuple[np.ndarray, dict]]:
+    """{name: (forecast, metrics and what the baseline reports)} for every baseline on the task's context;
+    `train` and `val` are the dataset's training and validation systems (the autoregression's data)."""
+    out = {}
+    for name, (forecast, info) in forecast_baselines.all_baselines(task.context, task.target.shape[1], train, val,
+                                                                   seed).items():
+        out[name] = (forecast, {**error_metrics(forecast, task.target, task.context), **info})
+    return out
 
 
 if __name__ == "__main__":

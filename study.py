@@ -9,10 +9,12 @@ Phases, each skipped when its step count is 0:
 1. grid: the cartesian product of the --grid flags (any train.py flag), --grid-steps each;
 2. context lengths: the best grid setting at each of --context-lengths, --context-length-steps each;
 3. final: the best setting of all, --final-steps;
-4. test: the final adapter, the untrained model and the two naive baselines, on the test split.
+4. test: the final adapter, the untrained model and every baseline (forecast_baselines.py), on the
+   test split, each with a 95% bootstrap interval, and the paired difference against the best baseline.
 Every training run is a normal train.py run folder under OUT/runs/ (resumable, evaluable with eval.py)
 and is judged on the validation split: its validation loss (train.py's own pass at its last step) and
-forecast errors (eval.py's forecasting on --eval-systems systems); --select picks the best.
+forecast errors (eval.py's forecasting on --eval-systems systems, by default the whole split, 50 steps
+in and 20 out: the coursework setting); --select picks the best (val_mae, val_mase or val_loss).
 
 The FLOP ledger, OUT/ledger.jsonl, books everything in both accountings: each run's training steps and
 validation passes (from the run's own counters) and each forecast (prefill and decode, flops.generation).
@@ -32,6 +34,7 @@ from types import SimpleNamespace
 
 import distributed
 import flops
+import forecast_metrics
 import train
 from common import UserError, atomic_path, fsync, read_json, run_cli, weights_dtype, write_json
 
@@ -54,22 +57,33 @@ def parse_args(argv=None):
     a("--context-lengths", default="128,512,768")
     a("--context-length-steps", type=int, default=500)
     a("--final-steps", type=int, default=2000)
-    a("--select", default="val_mae", choices=["val_mae", "val_loss"])
-    a("--eval-systems", type=int, default=50, help="validation (and test) systems forecast per evaluation")
+    a("--select", default="val_mae", choices=["val_mae", "val_mase", "val_loss"],
+      help="how the best run is chosen: validation MAE, scaled error (MASE) or loss")
+    a("--eval-systems", type=int, default=None,
+      help="validation (and test) systems forecast per evaluation (default: the whole split)")
     a("--eval-context-steps", type=int, default=50)
     a("--horizon", type=int, default=20)
     a("--samples", type=int, default=1)
     a("--temperature", type=float, default=0.0)
+    a("--val-samples", type=int, default=None,
+      help="samples per validation forecast (default: --samples); 1 forecasts the validation split greedily, "
+           "a cheaper way to choose runs when the test forecasts take the median of many samples")
     a("--eval-batch-size", type=int, default=128, help="forecast rows decoded together (systems x samples)")
     a("--budget", type=float, default=1e17, help="FLOPs (coursework accounting) for the whole study")
     a("--dry-run", action="store_true", help="print the plan and stop")
+    a("--bootstrap", type=int, default=1000, help="resamples of the systems for the 95%% intervals")
+    a("--bootstrap-seed", type=int, default=0)
     args = p.parse_args(argv)
     args.passthrough = passthrough
     args.grid = [parse_grid_flag(g) for g in (args.grid or ["lr=1e-5,5e-5,1e-4", "rank=2,4,8"])]
     args.context_lengths = [int(x) for x in args.context_lengths.split(",") if x.strip()]
-    if min(args.grid_steps, args.context_length_steps, args.final_steps) < 0 or args.eval_systems < 1:
+    if min(args.grid_steps, args.context_length_steps, args.final_steps) < 0 or (args.eval_systems or 1) < 1:
         raise UserError("step counts must be >= 0 and --eval-systems at least 1")
-    if args.samples > 1 and args.temperature == 0:
+    if args.bootstrap < 10:
+        raise UserError("--bootstrap needs at least 10 resamples for a 95% interval (1000 is the default)")
+    if (args.val_samples is not None and args.val_samples < 1) or args.samples < 1:
+        raise UserError("--samples and --val-samples must be at least 1")
+    if max(args.samples, args.val_samples or 1) > 1 and args.temperature == 0:
         raise UserError("--samples > 1 needs --temperature > 0 (greedy samples would all be the same)")
     if args.data and str(args.data).endswith(".jsonl"):
         raise UserError("study.py is the forecasting study (its test phase scores forecasts); train on chat data "
@@ -132,7 +146,8 @@ def projected_flops(args, run: dict) -> dict:
     costs = train.step_costs(model, targs, windows["val"], lora=cfg)
     evals = sum(train.eval_due(step, targs) for step in range(1, run["steps"] + 1))
     return {"train": run["steps"] * costs["train_step"], "validation": evals * costs["eval"],
-            "forecast": forecast_estimate(args, model, inference_lora(targs), info["tokens_per_step"], tok)}
+            "forecast": forecast_estimate(args, model, inference_lora(targs), info["tokens_per_step"], tok,
+                                          info["split_sizes"]["val"])}
 
 
 def inference_lora(targs) -> dict:
@@ -143,15 +158,26 @@ def inference_lora(targs) -> dict:
             "use_dora": bool(targs.dora)}
 
 
-def forecast_estimate(args, config, lora_cfg, step_tokens: int, tok) -> int:
+def forecast_estimate(args, config, lora_cfg, step_tokens: int, tok, split_size: int, split: str = "val") -> int:
     """Prompts of --eval-context-steps timesteps, --horizon timesteps generated, --samples each, in the
-    calls eval.generate_forecasts makes (each prompt prefilled once; lm_head on the allowed tokens)."""
+    calls eval.generate_forecasts makes (each prompt prefilled once; lm_head on the allowed tokens), for
+    --eval-systems systems or the whole split of `split_size`, whichever is fewer."""
     from eval import allowed_token_ids
 
-    per_call, head_vocab = max(1, args.eval_batch_size // args.samples), len(allowed_token_ids(tok))
-    calls = [min(per_call, args.eval_systems - s) for s in range(0, args.eval_systems, per_call)]
+    samples = sampling(args, split)[0]
+    per_call, head_vocab = max(1, args.eval_batch_size // samples), len(allowed_token_ids(tok))
+    n = min(args.eval_systems or split_size, split_size)
+    calls = [min(per_call, n - s) for s in range(0, n, per_call)]
     return sum(flops.generation(config, b, args.eval_context_steps * step_tokens, args.horizon * step_tokens - 1,
-                                lora_cfg, samples=args.samples, head_vocab=head_vocab)["coursework"] for b in calls)
+                                lora_cfg, samples=samples, head_vocab=head_vocab)["coursework"] for b in calls)
+
+
+def sampling(args, split: str) -> tuple[int, float]:
+    """(samples, temperature) of the forecasts of a split: --samples and --temperature, except that
+    validation takes --val-samples when given (greedy when it is 1)."""
+    if split == "val" and args.val_samples is not None:
+        return args.val_samples, args.temperature if args.val_samples > 1 else 0.0
+    return args.samples, args.temperature
 
 
 _PROJECTION, _DATA = {}, {}
@@ -203,14 +229,16 @@ def make_plan(args) -> list[tuple[dict, dict]]:
                   for run, _ in plan] or [{"name": "final", "phase": "final", "flags": {}, "steps": args.final_steps}]
         plan.append(max(((r, projected_flops(args, r)) for r in finals), key=lambda rc: sum(rc[1].values())))
     model, tok = projection_model(args.model)
-    step_tokens = prepared_data(train.resolve_args(train_argv(args, plan[-1][0], Path("-")))[0], tok)[1]["tokens_per_step"] \
-        if plan else 10
+    info = prepared_data(train.resolve_args(train_argv(args, plan[-1][0], Path("-")))[0], tok)[1] \
+        if plan else {"tokens_per_step": 10, "split_sizes": {"test": args.eval_systems or 1}}
+    step_tokens = info["tokens_per_step"]
     test = {"name": "test forecasts", "phase": "test", "flags": {}, "steps": 0}  # final adapter, untrained model
     adapters = [inference_lora(train.resolve_args(train_argv(args, r, Path("-")))[0]) for r, _ in plan]
     lora_cfg = {"r": max(a["r"] for a in adapters) if plan else 8, "target_modules": train.DEFAULTS["targets"],
                 "use_dora": any(a["use_dora"] for a in adapters)}
     plan.append((test, {"train": 0, "validation": 0,
-                        "forecast": 2 * forecast_estimate(args, model, lora_cfg, step_tokens, tok)}))
+                        "forecast": 2 * forecast_estimate(args, model, lora_cfg, step_tokens, tok,
+                                                          info["split_sizes"]["test"], "test")}))
     return plan
 
 
@@ -302,8 +330,8 @@ def forecast(args, name: str, model, tok, run_cfg: dict, split: str, ledger: Led
     task = forecast_task(values, scaler, decimals, args.eval_context_steps, args.horizon)
     start, end = group.span(len(task.prompts))
     used = {}
-    texts = ev.generate_forecasts(model, tok, task.prompts[start:end], args.horizon, decimals, args.samples,
-                                  args.temperature, args.eval_batch_size, seed=0, flops_used=used, first=start)
+    texts = ev.generate_forecasts(model, tok, task.prompts[start:end], args.horizon, decimals, *sampling(args, split),
+                                  args.eval_batch_size, seed=0, flops_used=used, first=start)
     shares = group.all_gather((texts, used))
     texts = [t for share, _ in shares for t in share]
     metrics = ev.evaluate_forecasts(texts, task, scaler, decimals, args.horizon)
@@ -330,8 +358,9 @@ def judge(args, run: dict, folder: Path, base, tok, ledger: Ledger, group: distr
     if group.is_main:
         vals = [r for r in read_metrics(folder) if "val_loss" in r]
         spent = {k: sum(b[k] for b in ledger.lines if b["run"] == run["name"]) for k in ("coursework", "hardware")}
+        ci = forecast_metrics.add_intervals(dict(metrics), args.bootstrap, args.bootstrap_seed)["ci"]
         record = {**run, "val_loss": vals[-1]["val_loss"], "val_mae": metrics["mae"], "val_mse": metrics["mse"],
-                  "val_invalid": metrics["invalid"], "flops": spent,
+                  "val_mase": metrics["mase"], "val_ci": ci, "val_invalid": metrics["invalid"], "flops": spent,
                   "curve": [{"step": r["step"], "val_loss": r["val_loss"], "flops": r["flops"]} for r in vals]}
         write_json(cached, record)
     return group.broadcast(record)
@@ -345,7 +374,8 @@ def run_phase(args, runs_and_costs, base, tok, ledger: Ledger, group: distribute
         records.append(judge(args, run, folder, base, tok, ledger, group))
         r = records[-1]
         if group.is_main:
-            print(f"{run['name']}: val loss {r['val_loss']:.4f}, val MAE {r['val_mae']:.4f}, MSE {r['val_mse']:.4f}; "
+            print(f"{run['name']}: val loss {r['val_loss']:.4f}, val MAE {r['val_mae']:.4f}, MSE {r['val_mse']:.4f}, "
+                  f"MASE {r.get('val_mase', float('nan')):.4f}; "
                   f"{r['flops']['coursework']:.3e} FLOPs; study {ledger.total():.3e} / {args.budget:.3g}", file=sys.stderr)
     return records
 
@@ -355,11 +385,13 @@ def best_of(args, records: list[dict]) -> dict:
 
 
 def test_phase(args, final: dict, base, tok, ledger: Ledger, group: distributed.Group) -> dict:
-    """The final adapter, the untrained model and both naive baselines on the same test systems."""
+    """The final adapter, the untrained model and every baseline on the same test systems, with
+    intervals and paired differences; and the baselines on the validation systems the runs were judged on."""
     import copy
 
     import eval as ev
     import lora
+    from data import Scaler, forecast_task
 
     cfg = read_json(run_folder(args, final) / "config.json", what="run config")
     model = copy.deepcopy(base)
@@ -367,12 +399,41 @@ def test_phase(args, final: dict, base, tok, ledger: Ledger, group: distributed.
     model.eval()
     tuned, task = forecast(args, "test-" + final["name"], model, tok, cfg, "test", ledger, group)
     untrained, _ = forecast(args, "test-untrained", base, tok, cfg, "test", ledger, group)
-    keep = ("mae", "mse", "rmse", "prey", "predator", "per_step", "invalid", "short")
-    results = {final["name"]: {k: tuned[k] for k in keep}, "untrained": {k: untrained[k] for k in keep},
-               "naive_last": ev.error_metrics(ev.naive_last(task.context, args.horizon), task.target),
-               "naive_linear": ev.error_metrics(ev.naive_linear(task.context, args.horizon), task.target)}
+    drop = ("forecast_values", "forecasts")
+    results = {final["name"]: {k: v for k, v in tuned.items() if k not in drop},
+               "untrained": {k: v for k, v in untrained.items() if k not in drop}}
     forecasts = {final["name"]: tuned["forecast_values"], "untrained": untrained["forecast_values"]}
-    return {"systems": len(task.target), "results": results, "forecasts": forecasts, "task": task}
+    baselines = baselines_on(args, cfg, "test", task)
+    results.update({name: r for name, (_, r) in baselines.items()})
+    forecasts.update({name: f for name, (f, _) in baselines.items()})
+    for r in results.values():
+        forecast_metrics.add_intervals(r, args.bootstrap, args.bootstrap_seed)
+    compared = forecast_metrics.comparisons(results, [final["name"], "untrained"],
+                                            [b for b in baselines if b != "lv_fit"], "lv_fit",
+                                            args.bootstrap, args.bootstrap_seed)
+    val_task = forecast_task(split_values(args, cfg, "val"), Scaler(1.0), 2, args.eval_context_steps, args.horizon)
+    val_baselines = {name: forecast_metrics.add_intervals(r, args.bootstrap, args.bootstrap_seed)
+                     for name, (_, r) in baselines_on(args, cfg, "val", val_task).items()}
+    return {"systems": len(task.target), "results": results, "forecasts": forecasts, "task": task,
+            "comparisons": compared, "val_baselines": val_baselines}
+
+
+def split_values(args, run_cfg: dict, split: str):
+    """The --eval-systems systems of a split of the data the run was trained on (as forecast() reads them)."""
+    import eval as ev
+
+    ns = SimpleNamespace(data=None, data_seed=0, systems=args.eval_systems, split=split)
+    return ev.evaluation_values(ns, {"run": (None, run_cfg)})[0]
+
+
+def baselines_on(args, run_cfg: dict, split: str, task) -> dict:
+    """eval.baseline_results on a task of `split`: the autoregression learns from the run's training split
+    and picks its lags on the validation split (all of it)."""
+    import eval as ev
+
+    ns = SimpleNamespace(data=None, data_seed=0, systems=None, split=split)
+    _, dataset, indices, _ = ev.evaluation_values(ns, {"run": (None, run_cfg)})
+    return ev.baseline_results(task, dataset[indices["train"]], dataset[indices["val"]])
 
 
 def main(argv=None) -> dict:
@@ -434,7 +495,9 @@ def write_outputs(args, plan, grid, context, final, best, best_all, test, ledger
         "settings": {k: v for k, v in vars(args).items() if k != "dry_run"},
         "plan": [{"run": r["name"], "steps": r["steps"], "projected": c} for r, c in plan],
         "runs": [strip(r) for r in grid + context + final], "best_grid": best.get("name"), "best": best_all.get("name"),
-        "final": (final[0] if final else best_all)["name"], "test": {"systems": test["systems"], "results": test["results"]},
+        "final": (final[0] if final else best_all)["name"],
+        "test": {"systems": test["systems"], "results": test["results"], "comparisons": test["comparisons"]},
+        "val_baselines": test["val_baselines"],
         "flops": {"coursework": ledger.total(), "hardware": ledger.total("hardware"), "budget": args.budget,
                   "by_run": flop_table(ledger)},
     }
@@ -461,9 +524,11 @@ def flop_table(ledger: Ledger) -> list[dict]:
 
 def results_markdown(args, grid, context, report) -> str:
     lines = ["# Study results", ""]
+    val_systems = len(next(iter(report["val_baselines"].values()))["per_system_mae"])
     if grid:
-        lines += [f"## Grid ({args.grid_steps} steps each; validation, {args.eval_systems} systems)", ""]
+        lines += [f"## Grid ({args.grid_steps} steps each; validation, {val_systems} systems)", ""]
         lines += grid_table(args, grid) + [""]
+    lines += validation_table(report["runs"], report["val_baselines"])
     if context:
         lines += [f"## Context length ({args.context_length_steps} steps each, best grid setting: {report['best_grid']})", "",
                   "| context length | val loss | val MAE | val MSE | FLOPs |", "| ---: | ---: | ---: | ---: | ---: |"]
@@ -471,13 +536,17 @@ def results_markdown(args, grid, context, report) -> str:
                   f"{r['flops']['coursework']:.3e} |" for r in context] + [""]
     t = report["test"]
     lines += [f"## Test ({t['systems']} systems, {args.eval_context_steps} context steps, horizon {args.horizon}; "
-              f"final run: {report['final']})", "",
-              "| model | MAE | MSE | RMSE | prey MAE | predator MAE | MAE step 1 | MAE step " + f"{args.horizon} | invalid |",
+              f"final run: {report['final']}; 95% bootstrap intervals over systems)", "",
+              f"| model | MAE | MSE | MASE | prey MAE | predator MAE | MAE step 1 | MAE step {args.horizon} | invalid |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in t["results"].items():
-        lines.append(f"| {name} | {r['mae']:.4f} | {r['mse']:.4f} | {r['rmse']:.4f} | {r['prey']['mae']:.4f} | "
-                     f"{r['predator']['mae']:.4f} | {r['per_step'][0]['mae']:.4f} | {r['per_step'][-1]['mae']:.4f} | "
-                     f"{r.get('invalid', '—')} |")
+        lines.append(f"| {name} | {interval(r, 'mae')} | {interval(r, 'mse')} | {interval(r, 'mase')} | "
+                     f"{r['prey']['mae']:.4f} | {r['predator']['mae']:.4f} | {step_interval(r['per_step'][0])} | "
+                     f"{step_interval(r['per_step'][-1])} | {r.get('invalid', '—')} |")
+    lines += [""] + [f"- {name}: CRPS {interval(r, 'crps')}, the 10-90% interval of the samples covers "
+                     f"{r['coverage_10_90']:.1%} of the truth" for name, r in t["results"].items() if "crps" in r]
+    lines += [f"- {c['model']} minus {c['baseline']} ({c['role']}), {c['metric'].upper()}: {c['diff']:+.4f} "
+              f"[{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}]: {c['verdict']} it" for c in t["comparisons"]]
     f = report["flops"]
     lines += ["", "## FLOPs (coursework accounting; hardware count beside it)", "",
               "| run | train | validation | forecast | total | hardware |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -486,6 +555,33 @@ def results_markdown(args, grid, context, report) -> str:
     lines += [f"| **total** | | | | **{f['coursework']:.4e}** | {f['hardware']:.4e} |", "",
               f"Budget {f['budget']:.3g}: {100 * f['coursework'] / f['budget']:.2f}% used.", ""]
     return "\n".join(lines)
+
+
+def interval(r: dict, metric: str) -> str:
+    """"0.1234 [0.1100, 0.1400]" (the 95% bootstrap interval over systems) or "—" when there is no such metric."""
+    if metric not in r:
+        return "—"
+    ci = r.get("ci", {}).get(metric)
+    return f"{r[metric]:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+
+
+def step_interval(step: dict) -> str:
+    """One horizon step's MAE and its interval, as `interval` writes them."""
+    return interval({"mae": step["mae"], "ci": {"mae": step["mae_ci"]} if "mae_ci" in step else {}}, "mae")
+
+
+def validation_table(runs: list[dict], baselines: dict) -> list[str]:
+    """Every run and every baseline on the same validation systems, with intervals."""
+    lines = ["## Validation: every run and every baseline (the same systems; 95% bootstrap intervals)", "",
+             "| run | val loss | val MAE | val MSE | val MASE | FLOPs (coursework) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in runs:
+        m = {"mae": r["val_mae"], "mse": r["val_mse"], "mase": r.get("val_mase", float("nan")), "ci": r.get("val_ci", {})}
+        lines.append(f"| {r['name']} | {r['val_loss']:.4f} | {interval(m, 'mae')} | {interval(m, 'mse')} | "
+                     f"{interval(m, 'mase')} | {r['flops']['coursework']:.3e} |")
+    lines += [f"| {name} | — | {interval(b, 'mae')} | {interval(b, 'mse')} | {interval(b, 'mase')} | 0 |"
+              for name, b in baselines.items()]
+    return lines + [""]
 
 
 def grid_table(args, grid) -> list[str]:
@@ -546,10 +642,34 @@ def make_plots(folder: Path, args, grid, context, final, test) -> list[Path]:
         ax.set(xlabel="context length (tokens)", ylabel=f"validation {args.select.removeprefix('val_').upper()}")
         save(fig, "context_lengths.png")
     written += test_plots(save, plt, args, test)
+    error_vs_flops(save, plt, grid + context + final, test)
     return written
 
 
+def error_vs_flops(save, plt, runs: list[dict], test: dict) -> None:
+    """Validation MAE of every run against the FLOPs it used (and the final run's test MAE), each with its
+    95% interval, and the baselines on the same systems as horizontal lines: what more compute buys."""
+    final_name = runs[-1]["name"] if runs else None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    panels = ((axes[0], "validation", runs, test["val_baselines"]),
+              (axes[1], "test", [r for r in runs if r["name"] == final_name], test["results"]))
+    for ax, split, points, baselines in panels:
+        for r in points:
+            mae, ci = (r["val_mae"], r.get("val_ci", {}).get("mae")) if split == "validation" else \
+                (test["results"][r["name"]]["mae"], test["results"][r["name"]]["ci"]["mae"])
+            err = [[mae - ci[0]], [ci[1] - mae]] if ci else None
+            ax.errorbar([r["flops"]["coursework"]], [mae], yerr=err, fmt="o", capsize=3, label=r["name"])
+        for k, name in enumerate(b for b in baselines if b not in ("untrained", final_name)):
+            ax.axhline(baselines[name]["mae"], color=f"C{(k + len(points)) % 10}", ls="--", lw=1, label=name)
+        ax.set(xscale="log", xlabel="FLOPs the run used (coursework accounting)",
+               ylabel=f"{split} MAE (original units)", title=f"{split} error against compute")
+        ax.legend(fontsize=6)
+    save(fig, "error_vs_flops.png")
+
+
 def test_plots(save, plt, args, test) -> list:
+    import eval as ev
+
     task, forecasts = test["task"], test["forecasts"]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6), sharex=True)
     K, H = task.context.shape[1], task.target.shape[1]
@@ -565,7 +685,7 @@ def test_plots(save, plt, args, test) -> list:
     save(fig, "test_forecasts.png")
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in test["results"].items():
-        ax.plot([s["step"] for s in r["per_step"]], [s["mae"] for s in r["per_step"]], marker=".", label=name)
+        ev.plot_with_band(ax, r["per_step"], name)
     ax.set(xlabel="forecast horizon (timesteps)", ylabel="MAE (original units)", title="test error by horizon")
     ax.legend()
     save(fig, "test_error_by_horizon.png")

@@ -46,10 +46,19 @@ class Trajectories:
 
 # --------------------------------------------------------------------------------------- simulator
 def lv_rhs(state: np.ndarray, params: np.ndarray) -> np.ndarray:
-    """d(state)/dt for N systems at once: state (N, 2), params (N, 4) = alpha, beta, gamma, delta."""
-    x, y = state[:, 0], state[:, 1]
-    alpha, beta, gamma, delta = params.T
-    return np.stack([alpha * x - beta * x * y, delta * x * y - gamma * y], axis=1)
+    """d(state)/dt for many systems at once: state (..., 2), params (..., 4) = alpha, beta, gamma, delta."""
+    x, y = state[..., 0], state[..., 1]
+    alpha, beta, gamma, delta = (params[..., k] for k in range(4))
+    return np.stack([alpha * x - beta * x * y, delta * x * y - gamma * y], axis=-1)
+
+
+def rk4_step(state: np.ndarray, params: np.ndarray, h: float) -> np.ndarray:
+    """One classic RK4 step of size h from state (..., 2) (forecast_baselines.py's fit steps with it too)."""
+    k1 = lv_rhs(state, params)
+    k2 = lv_rhs(state + 0.5 * h * k1, params)
+    k3 = lv_rhs(state + 0.5 * h * k2, params)
+    k4 = lv_rhs(state + h * k3, params)
+    return state + (h / 6.0) * (k1 + 2 * k2 + 2 * k3 + k4)
 
 
 def integrate_rk4(initial: np.ndarray, params: np.ndarray, time: np.ndarray, substeps: int = 20) -> np.ndarray:
@@ -60,11 +69,7 @@ def integrate_rk4(initial: np.ndarray, params: np.ndarray, time: np.ndarray, sub
     for i in range(len(time) - 1):
         h = (time[i + 1] - time[i]) / substeps
         for _ in range(substeps):
-            k1 = lv_rhs(state, params)
-            k2 = lv_rhs(state + 0.5 * h * k1, params)
-            k3 = lv_rhs(state + 0.5 * h * k2, params)
-            k4 = lv_rhs(state + h * k3, params)
-            state = state + (h / 6.0) * (k1 + 2 * k2 + 2 * k3 + k4)
+            state = rk4_step(state, params, h)
         out[:, i + 1] = state
     return out
 

@@ -198,7 +198,8 @@ def test_cli_base_adapter_and_baselines_side_by_side(tmp_path, capsys):
     out = capsys.readouterr().out
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["systems"] == report["systems"] == 3 and saved["horizon"] == 4 and saved["context_steps"] == 10
-    assert list(saved["results"]) == ["tiny", str(tmp_path / "run"), "naive_last", "naive_linear"]
+    assert list(saved["results"]) == ["tiny", str(tmp_path / "run"), "naive_last", "naive_linear", "seasonal_naive",
+                                      "autoregression", "lv_fit"]
     for name in ("tiny", str(tmp_path / "run")):
         r = saved["results"][name]
         assert {"mae", "mse", "rmse", "prey", "predator", "per_step", "invalid", "short", "loss", "ppl"} <= set(r)
@@ -208,6 +209,12 @@ def test_cli_base_adapter_and_baselines_side_by_side(tmp_path, capsys):
     # training moved the text loss
     assert saved["results"][str(tmp_path / "run")]["loss"] < saved["results"]["tiny"]["loss"]
     assert "naive_linear" in out and "MAE" in out
+    for r in saved["results"].values():  # every entry with its intervals, MASE included
+        assert r["ci"]["mae"][0] <= r["mae"] <= r["ci"]["mae"][1] and len(r["per_system_mase"]) == 3
+    assert {(c["model"], c["role"], c["metric"]) for c in saved["comparisons"]} == {
+        (m, role, metric) for m in ("tiny", str(tmp_path / "run")) for role in ("best baseline", "physics reference")
+        for metric in ("mae", "mase")}
+    assert "(best baseline), MAE:" in out
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["error_histogram.png", "error_vs_horizon.png", "forecasts.png"]
 
 

@@ -42,10 +42,20 @@ def test_whole_study_runs_offline_and_writes_its_outputs(finished):
     best = min(report["runs"][:4], key=lambda r: (r["val_mae"], r["name"]))
     assert report["best_grid"] == best["name"]
     assert [r["flags"]["context_length"] for r in report["runs"][4:6]] == ["64", "96"]
-    assert set(report["test"]["results"]) == {"final", "untrained", "naive_last", "naive_linear"}
+    assert list(report["test"]["results"]) == ["final", "untrained", "naive_last", "naive_linear", "seasonal_naive",
+                                               "autoregression", "lv_fit"]
+    for r in report["test"]["results"].values():
+        assert r["ci"]["mae"][0] <= r["mae"] <= r["ci"]["mae"][1] and "mase" in r
+    assert {(c["model"], c["role"]) for c in report["test"]["comparisons"]} == {
+        (m, role) for m in ("final", "untrained") for role in ("best baseline", "physics reference")}
+    assert list(report["val_baselines"]) == list(report["test"]["results"])[2:]
+    assert all("val_mase" in r and r["val_ci"]["mae"] for r in report["runs"])
+    results_md = (out / "results.md").read_text()
+    assert "| seasonal_naive |" in results_md and "## Validation: every run and every baseline" in results_md
     assert (out / "results.md").read_text().count("| lr 1e-3 |") == 1
     assert {p.name for p in (out / "plots").iterdir()} >= {"val_loss.png", "grid_heatmap.png", "context_lengths.png",
-                                                           "test_forecasts.png", "test_error_by_horizon.png"}
+                                                           "test_forecasts.png", "test_error_by_horizon.png",
+                                                           "error_vs_flops.png"}
     for run in report["runs"]:  # each a normal train.py run folder
         assert (out / "runs" / run["name"] / "config.json").exists()
 
@@ -108,3 +118,17 @@ def test_killed_study_resumes_to_the_same_result_without_retraining(finished, tm
     study.main(["--out", str(out), *STUDY])
     assert first.read_bytes() == before  # a finished run is not trained again
     assert comparable(out / "study.json") == comparable(finished[0] / "study.json")
+
+
+def test_validation_can_be_forecast_greedily_while_the_test_takes_samples(tmp_path):
+    sampled = [*STUDY[: STUDY.index("--")], "--samples", "3", "--temperature", "1.0", *STUDY[STUDY.index("--"):]]
+    greedy_val = [*sampled[: sampled.index("--")], "--val-samples", "1", *sampled[sampled.index("--"):]]
+    args = study.parse_args(greedy_val)
+    assert study.sampling(args, "val") == (1, 0.0) and study.sampling(args, "test") == (3, 1.0)
+    assert study.sampling(study.parse_args(sampled), "val") == (3, 1.0)  # by default validation samples as the test does
+    both = study.main(["--out", str(tmp_path / "a"), "--dry-run", *sampled])["plan"]
+    cheap = study.main(["--out", str(tmp_path / "b"), "--dry-run", *greedy_val])["plan"]
+    assert all(c["forecast"] < b["forecast"] for b, c in zip(both[:-1], cheap[:-1]))  # validation forecasts
+    assert cheap[-1] == both[-1]  # the test forecasts are the same
+    with pytest.raises(UserError, match="--val-samples"):
+        study.parse_args([*STUDY[: STUDY.index("--")], "--val-samples", "0"])
