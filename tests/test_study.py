@@ -247,3 +247,112 @@ def test_a_bad_grid_value_is_one_line_and_exit_2_from_the_command_line(tmp_path)
                            "--dry-run"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == ["error: grid-lrabc: argument --lr: invalid float value: 'abc'"]
+
+
+SELECTING = ["--model", "tiny", "--grid", "lr=1e-3,3e-2", "--grid", "rank=2", "--grid-steps", "4", "--context-lengths",
+             "48", "--context-length-steps", "2", "--final-steps", "3", "--select", "val_loss", "--eval-systems", "3",
+             "--eval-context-steps", "5", "--horizon", "3", "--", "--systems", "30", "--batch-size", "2",
+             "--context-length", "64", "--targets", "all"]
+
+
+def regenerate(out, adapter, split="test"):
+    """The forecast texts of the study's --eval-systems systems of a split, made here from the tiny model
+    with `adapter` (a run name) or without one."""
+    import copy
+    from types import SimpleNamespace
+
+    import eval as ev
+    import lora
+    from data import Scaler, forecast_task
+    from model import load_pretrained
+
+    base, tok = load_pretrained("tiny")
+    cfg = json.loads((out / "runs" / "final" / "config.json").read_text())
+    values = ev.evaluation_values(SimpleNamespace(data=None, data_seed=0, systems=3, split=split), {"x": (None, cfg)})[0]
+    task = forecast_task(values, Scaler.from_dict(cfg["scaler"]), 2, 5, 3)
+    model = copy.deepcopy(base)
+    if adapter:
+        lora.load_adapter(model, out / "runs" / adapter)
+    return ev.generate_forecasts(model.eval(), tok, task.prompts, 3, 2)
+
+
+def test_selection_picks_the_best_run_and_the_test_forecasts_use_its_adapter(tmp_path):
+    """Runs that differ: --select val_loss picks the lowest (here not the first run, nor the first name),
+    the final run trains its setting, and the test forecasts are the final adapter's own (the tiny model's
+    forecasts are all malformed, so their texts, not their errors, tell the models apart)."""
+    out = tmp_path / "s"
+    report = study.main(["--out", str(out), *SELECTING])
+    grid, context = report["runs"][:2], report["runs"][2:3]
+    assert grid[0]["val_loss"] != grid[1]["val_loss"]
+    assert report["best_grid"] == min(grid, key=lambda r: r["val_loss"])["name"] == "grid-lr3e-2-rank2"
+    assert report["best"] == min(grid + context, key=lambda r: r["val_loss"])["name"]
+    best = next(r for r in grid + context if r["name"] == report["best"])
+    final = json.loads((out / "runs" / "final" / "config.json").read_text())["args"]
+    assert (final["lr"], final["context_length"]) == (3e-2, int(best["flags"].get("context_length", 64)))
+    kept = {p.stem: json.loads(p.read_text())["texts"] for p in (out / "forecasts").iterdir()}
+    assert kept["grid-lr1e-3-rank2"] != kept["grid-lr3e-2-rank2"]  # each run judged with its own adapter
+    assert kept["test-final"] == regenerate(out, "final") != regenerate(out, None) == kept["test-untrained"]
+    assert kept["test-final"] != regenerate(out, "grid-lr1e-3-rank2")
+    notes = report["notes"]  # the choice compared losses of 48- and 64-token windows: the outputs say so
+    assert len(notes) == 1 and "windows of 48, 64 tokens, which are not comparable" in notes[0]
+    assert f"Note: {notes[0]}" in (out / "results.md").read_text()
+
+
+def test_select_val_loss_over_windows_of_different_lengths_is_flagged_in_the_plan(tmp_path, capsys):
+    study.main(["--out", str(tmp_path / "s"), "--dry-run", *SELECTING])
+    assert "note: --select val_loss compares the per-token validation losses of windows of 48, 64" in capsys.readouterr().err
+    study.main(["--out", str(tmp_path / "s"), "--dry-run", *[x if x != "val_loss" else "val_mae" for x in SELECTING]])
+    assert "note:" not in capsys.readouterr().err
+
+
+KILLED = ["--model", "tiny", "--grid", "lr=1e-2", "--grid-steps", "30", "--context-length-steps", "0", "--final-steps", "0",
+          "--eval-systems", "3", "--eval-context-steps", "20", "--horizon", "5", "--eval-batch-size", "1", "--",
+          "--systems", "100", "--batch-size", "2", "--context-length", "64", "--save-every", "5", "--targets", "all"]
+RUN = "grid-lr1e-2"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "whole"
+    study.main(["--out", str(out), *KILLED])
+    return out
+
+
+def kill_when(out, ready, seconds=120):
+    """Start the study in a process of its own and SIGKILL it as soon as `ready()` holds."""
+    proc = subprocess.Popen([sys.executable, "study.py", "--out", str(out), *KILLED], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.005)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def text(path):
+    return path.read_text() if path.exists() else ""
+
+
+def test_a_study_killed_inside_a_runs_training_resumes_it_to_the_uninterrupted_result(uninterrupted, tmp_path):
+    out = tmp_path / "s"
+    metrics = out / "runs" / RUN / "metrics.jsonl"
+    kill_when(out, lambda: text(metrics).count('"loss"') >= 8)  # past its checkpoint at step 5, before step 30
+    steps = text(metrics).count('"loss"')
+    assert 8 <= steps < 30 and text(out / "ledger.jsonl") == ""  # killed inside the training, nothing booked yet
+    study.main(["--out", str(out), *KILLED])
+    assert bookings(out) == bookings(uninterrupted)
+    assert comparable(out / "study.json") == comparable(uninterrupted / "study.json")
+    assert (out / "runs" / RUN / "metrics.jsonl").read_text().count('"loss"') == 30  # the resumed run logs each step once
+
+
+def test_a_study_killed_inside_a_runs_forecasts_forecasts_once_and_books_once(uninterrupted, tmp_path):
+    out = tmp_path / "s"
+    ledger = out / "ledger.jsonl"
+    kill_when(out, lambda: '"validation"' in text(ledger))  # training booked: its validation forecasts are under way
+    assert '"validation"' in text(ledger) and '"forecast"' not in text(ledger)
+    assert not (out / "forecasts" / f"{RUN}.json").exists()  # killed inside the forecasts, not after them
+    study.main(["--out", str(out), *KILLED])
+    assert bookings(out) == bookings(uninterrupted)
+    assert comparable(out / "study.json") == comparable(uninterrupted / "study.json")
