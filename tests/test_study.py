@@ -359,3 +359,12 @@ def test_a_study_killed_inside_a_runs_forecasts_forecasts_once_and_books_once(un
     study.main(["--out", str(out), *KILLED])
     assert bookings(out) == bookings(uninterrupted)
     assert comparable(out / "study.json") == comparable(uninterrupted / "study.json")
+
+
+def test_a_nonfinite_validation_loss_is_a_failure(tmp_path):
+    lines = [{"step": 1, "loss": 2.0}, {"step": 1, "val_loss": 1.5}, {"step": 2, "loss": 3.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert study.nonfinite_validation(tmp_path) is None
+    for bad in (float("nan"), float("inf")):
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines + [{"step": 2, "val_loss": bad}]))
+        assert study.nonfinite_validation(tmp_path) == {"step": 2, "reason": f"the validation loss became {bad} at step 2"}
