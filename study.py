@@ -18,7 +18,9 @@ The FLOP ledger, OUT/ledger.jsonl, books everything in both accountings: each ru
 validation passes (from the run's own counters) and each forecast (prefill and decode, flops.generation).
 Before anything runs the plan is printed with every run's projected FLOPs; a plan over --budget is
 refused. The same command after an interruption goes on: finished runs are not redone, the interrupted
-one resumes exactly (train.py's guarantee), and nothing is booked twice.
+one resumes exactly (train.py's guarantee), and nothing is booked twice. Another command in the same
+--out is refused (OUT/study_settings.json); a run whose loss diverges is recorded as failed and never
+selected (docs/study.md).
 """
 
 from __future__ import annotations
@@ -337,6 +339,9 @@ class Ledger:
 
 
 # ------------------------------------------------------------------------------------ running runs
+FAILED = "study_failed.json"  # in a run's folder: {step, reason} of a run whose loss diverged
+
+
 def run_folder(args, run: dict) -> Path:
     return Path(args.out) / "runs" / run["name"]
 
@@ -366,9 +371,6 @@ def train_run(args, run: dict, projected: int, ledger: Ledger, group: distribute
         split = group.broadcast(flops_by_kind(folder, args.model if failed else None) if group.is_main else None)
         ledger.book_all(run["name"], split)
     return folder, failed
-
-
-FAILED = "study_failed.json"
 
 
 def diverged(error: UserError) -> dict | None:
