@@ -20,7 +20,9 @@ The FLOP ledger, OUT/ledger.jsonl, books everything in both accountings: each ru
 validation passes (from the run's own counters) and each forecast (prefill and decode, flops.generation).
 Before anything runs the plan is printed with every run's projected FLOPs; a plan over --budget is
 refused. The same command after an interruption goes on: finished runs are not redone, the interrupted
-one resumes exactly (train.py's guarantee), and nothing is booked twice.
+one resumes exactly (train.py's guarantee), and nothing is booked twice. Another command in the same
+--out is refused (OUT/study_settings.json); a run whose loss diverges is recorded as failed and never
+selected (docs/study.md).
 """
 
 from __future__ import annotations
@@ -76,13 +78,14 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.passthrough = passthrough
     args.grid = [parse_grid_flag(g) for g in (args.grid or ["lr=1e-5,5e-5,1e-4", "rank=2,4,8"])]
-    args.context_lengths = [int(x) for x in args.context_lengths.split(",") if x.strip()]
+    args.context_lengths = parse_context_lengths(args.context_lengths)
     if min(args.grid_steps, args.context_length_steps, args.final_steps) < 0 or (args.eval_systems or 1) < 1:
         raise UserError("step counts must be >= 0 and --eval-systems at least 1")
+    check_study_args(args)
     if args.bootstrap < 10:
         raise UserError("--bootstrap needs at least 10 resamples for a 95% interval (1000 is the default)")
-    if (args.val_samples is not None and args.val_samples < 1) or args.samples < 1:
-        raise UserError("--samples and --val-samples must be at least 1")
+    if args.val_samples is not None and args.val_samples < 1:
+        raise UserError("--val-samples must be at least 1")
     if max(args.samples, args.val_samples or 1) > 1 and args.temperature == 0:
         raise UserError("--samples > 1 needs --temperature > 0 (greedy samples would all be the same)")
     if args.data and str(args.data).endswith(".jsonl"):
@@ -116,6 +119,97 @@ def flag_args(key: str, value) -> list[str]:
     return [f"--{flag}", str(value)]
 
 
+def parse_context_lengths(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--context-lengths {text}: give whole numbers of tokens, e.g. 128,512,768") from None
+
+
+def check_study_args(args) -> None:
+    """The study's own numbers, and a --grid flag given twice (its runs would be named after both and
+    only the later value would take effect)."""
+    dests = [dest for dest, _ in args.grid]
+    twice = sorted({d for d in dests if dests.count(d) > 1})
+    rules = [
+        (not twice, f"--grid {', '.join(twice)} is given more than once; give all its values in one flag "
+                    f"(--grid {twice[0] if twice else ''}=V1,V2,...)"),
+        (args.budget > 0, "--budget must be positive"), (args.samples >= 1, "--samples must be at least 1"),
+        (args.temperature >= 0, "--temperature must be >= 0"), (args.horizon >= 1, "--horizon must be at least 1"),
+        (args.eval_context_steps >= 1, "--eval-context-steps must be at least 1"),
+        (args.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
+        (args.grid_steps or args.context_length_steps or args.final_steps,
+         "nothing to train: --grid-steps, --context-length-steps and --final-steps are all 0"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise UserError(message)
+
+
+# ---------------------------------------------------------------------------------------- settings
+SETTINGS = "study_settings.json"
+# Flags that shape no run, evaluation or plan: where the study is, whether it only plans, how much it
+# may spend (raise --budget to go on after "stopping before"), and how often runs checkpoint.
+FREE = ("out", "dry_run", "budget", "passthrough")
+FREE_TRAIN_FLAGS = ("save_every",)
+
+
+def study_settings(args) -> dict:
+    """Everything that shapes a run, an evaluation or the plan, as JSON: the study's own flags and the
+    train.py flags after `--`, parsed (so `--lr 1e-3` and `--lr 0.001` are the same)."""
+    given = train.parse_run_argv(args.passthrough)[1] if args.passthrough else {}
+    settings = {k: v for k, v in vars(args).items() if k not in FREE}
+    settings["train_flags"] = {k: v for k, v in given.items() if k not in FREE_TRAIN_FLAGS}
+    return json.loads(json.dumps(settings))  # tuples as lists, as they come back from the file
+
+
+def check_settings(args, group: distributed.Group) -> None:
+    """The first start of a study records its settings in OUT/study_settings.json; every later start
+    compares its own with them: the same command goes on, any other is refused (its runs would be
+    reused as if they had been trained with it). Rank 0 decides; every process raises the same error."""
+    out, now, problem = Path(args.out), study_settings(args), None
+    if group.is_main:
+        if (out / SETTINGS).exists():
+            changed = settings_differences(read_json(out / SETTINGS, what="study settings"), now)
+            if changed:
+                problem = (f"{out} holds a study started with other settings ({'; '.join(changed)}): rerun it with "
+                           f"its own settings ({out / SETTINGS}) to go on, or give a new --out")
+        elif (out / "ledger.jsonl").exists() or (out / "runs").exists():
+            problem = (f"{out} holds a study whose settings were not recorded (begun by an older study.py), so this "
+                       f"command cannot be checked against it; give a new --out")
+        else:
+            write_json(out / SETTINGS, now)
+    problem = group.broadcast(problem)
+    if problem:
+        raise UserError(problem)
+
+
+def settings_differences(then: dict, now: dict) -> list[str]:
+    """'--flag THEN then, NOW now' for each setting that differs ('-- --flag' for the train.py flags)."""
+    def show(key, value):
+        if value is None:
+            return "(not given)"
+        if key == "grid":
+            return " ".join(f"{dest}={','.join(values)}" for dest, values in value)
+        return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    pairs = [(f"--{k}", k, then.get(k), now.get(k)) for k in {**then, **now} if k != "train_flags"]
+    t, n = then.get("train_flags", {}), now.get("train_flags", {})
+    pairs += [(f"-- --{k}", k, t.get(k), n.get(k)) for k in {**t, **n}]
+    return [f"{flag.replace('_', '-')} {show(key, a)} then, {show(key, b)} now" for flag, key, a, b in pairs if a != b]
+
+
+def selection_notes(args, plan) -> list[str]:
+    """What the output must say about how runs were compared: per-token validation losses of windows
+    of different lengths are not comparable (a longer window gives each token more context)."""
+    lengths = sorted({checked_run_args(args, run).context_length for run, _ in plan if run["steps"]})
+    if args.select != "val_loss" or len(lengths) < 2:
+        return []
+    return [f"--select val_loss compares the per-token validation losses of windows of {', '.join(map(str, lengths))} "
+            f"tokens, which are not comparable: a longer window gives each token more context, so the choice favours "
+            f"longer windows; --select val_mae compares forecasts of the same systems from the same context"]
+
+
 # -------------------------------------------------------------------------------------------- plan
 def grid_runs(args) -> list[dict]:
     names = [dest for dest, _ in args.grid]
@@ -138,9 +232,12 @@ def train_argv(args, run: dict, folder: Path) -> list[str]:
 
 def projected_flops(args, run: dict) -> dict:
     """Training, validation and forecast FLOPs a run is expected to cost (coursework accounting)."""
-    targs, _ = train.resolve_args(train_argv(args, run, Path("-")))
+    targs = checked_run_args(args, run)
     model, tok = projection_model(args.model)
     windows, info = prepared_data(targs, tok)
+    if args.eval_context_steps + args.horizon > info["timesteps"]:
+        raise UserError(f"--eval-context-steps {args.eval_context_steps} + --horizon {args.horizon} must fit in the "
+                        f"{info['timesteps']} timesteps of each system ({run['name']}'s data)")
     cfg = {"r": int(targs.rank), "target_modules": targs.targets, "use_dora": bool(targs.dora),
            "lora_dropout": targs.dropout}
     costs = train.step_costs(model, targs, windows["val"], lora=cfg)
@@ -156,6 +253,15 @@ def inference_lora(targs) -> dict:
 
     return {"r": int(targs.rank) * (2 if moves_base(targs.init) else 1), "target_modules": targs.targets,
             "use_dora": bool(targs.dora)}
+
+
+def checked_run_args(args, run: dict):
+    """The train.py settings of a planned run, checked as train.py checks them when it starts (so a bad
+    --grid value is refused while planning, not after the runs before it have trained)."""
+    try:
+        return train.parse_run_argv(train_argv(args, run, Path("-")))[0]
+    except UserError as e:
+        raise UserError(f"{run['name']}: {e}") from None
 
 
 def forecast_estimate(args, config, lora_cfg, step_tokens: int, tok, split_size: int, split: str = "val") -> int:
@@ -265,43 +371,72 @@ class Ledger:
         return any(b["run"] == run and b["kind"] == kind for b in self.lines)
 
     def book(self, run: str, kind: str, coursework: int, hardware: int, **detail) -> None:
-        if self.booked(run, kind):
-            return
-        entry = {"run": run, "kind": kind, "coursework": int(coursework), "hardware": int(hardware), **detail}
-        if self.writes:
+        self.book_all(run, {kind: {"coursework": coursework, "hardware": hardware, **detail}})
+
+    def book_all(self, run: str, kinds: dict[str, dict]) -> None:
+        """Book each kind of `run` not booked yet ({kind: {coursework, hardware, ...}}), all in one write:
+        a run's training and validation land together. Booking is idempotent per kind, so whatever a
+        kill left unbooked is booked by the rerun, and nothing twice."""
+        entries = [{"run": run, "kind": kind, **cost, "coursework": int(cost["coursework"]),
+                    "hardware": int(cost["hardware"])} for kind, cost in kinds.items() if not self.booked(run, kind)]
+        if self.writes and entries:
             with open(self.path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+                f.write("".join(json.dumps(e) + "\n" for e in entries))
                 f.flush()
             fsync(self.path)
-        self.lines.append(entry)
+        self.lines += entries
 
     def total(self, key: str = "coursework") -> int:
         return sum(b[key] for b in self.lines)
 
 
 # ------------------------------------------------------------------------------------ running runs
+FAILED = "study_failed.json"  # in a run's folder: {step, reason} of a run whose loss diverged
+
+
 def run_folder(args, run: dict) -> Path:
     return Path(args.out) / "runs" / run["name"]
 
 
-def train_run(args, run: dict, projected: int, ledger: Ledger, group: distributed.Group) -> Path:
-    """Train (or resume, or find finished) one run and book its training and validation FLOPs. Under
-    torchrun every process trains (train.py's own torchrun path); rank 0 reads the folder."""
+def train_run(args, run: dict, projected: int, ledger: Ledger, group: distributed.Group) -> tuple[Path, dict | None]:
+    """Train (or resume, or find finished) one run and book its training and validation FLOPs; returns
+    its folder and, if its loss diverged, {step, reason} (recorded in the folder, so a rerun does not
+    train it again). Under torchrun every process trains (train.py's own torchrun path); rank 0 reads
+    the folder."""
     folder = run_folder(args, run)
-    if not ledger.booked(run["name"], "train"):
+    failed = group.broadcast(read_json(folder / FAILED, what="run failure") if group.is_main and (folder / FAILED).exists()
+                             else None)
+    if failed is None and not ledger.booked(run["name"], "train"):
         if ledger.total() + projected > args.budget:
             raise UserError(f"stopping before {run['name']}: {ledger.total():.4g} FLOPs used and it needs about "
                             f"{projected:.4g}, over the budget of {args.budget:.4g}")
         started = group.broadcast((folder / "config.json").exists() if group.is_main else None)
-        train.train(["--resume", str(folder), "--steps", str(run["steps"])] if started else train_argv(args, run, folder))
-        split = group.broadcast(flops_by_kind(folder) if group.is_main else None)
-        for kind in ("train", "validation"):
-            ledger.book(run["name"], kind, **split[kind])
-    return folder
+        try:
+            train.train(["--resume", str(folder), "--steps", str(run["steps"])] if started else train_argv(args, run, folder))
+        except UserError as e:
+            failed = diverged(e)
+            if failed is None:
+                raise
+            if group.is_main:
+                write_json(folder / FAILED, failed)
+    if not all(ledger.booked(run["name"], kind) for kind in ("train", "validation")):
+        split = group.broadcast(flops_by_kind(folder, args.model if failed else None) if group.is_main else None)
+        ledger.book_all(run["name"], split)
+    return folder, failed
 
 
-def flops_by_kind(folder: Path) -> dict:
-    """A run's FLOPs from its metrics.jsonl, split into training steps and validation passes."""
+def diverged(error: UserError) -> dict | None:
+    """{step, reason} when train.py stopped a run for a non-finite loss or gradient (finish's error), else None."""
+    import re
+
+    found = re.search(r"non-finite at step (\d+)", str(error))
+    return {"step": int(found.group(1)), "reason": str(error).split(";")[0]} if found else None
+
+
+def flops_by_kind(folder: Path, failed_on: str | None = None) -> dict:
+    """A run's FLOPs from its metrics.jsonl, split into training steps and validation passes. A run that
+    diverged (`failed_on` its model) also spent the forward and backward passes of the step that failed,
+    which train.py's counters leave out (that step was never committed); its optimizer update never ran."""
     split = {kind: {"coursework": 0, "hardware": 0} for kind in ("train", "validation")}
     previous = {"flops": 0, "flops_hardware": 0}
     for rec in read_metrics(folder):
@@ -309,6 +444,12 @@ def flops_by_kind(folder: Path) -> dict:
         split[kind]["coursework"] += rec["flops"] - previous["flops"]
         split[kind]["hardware"] += rec["flops_hardware"] - previous["flops_hardware"]
         previous = rec
+    if failed_on is not None:
+        cfg = read_json(folder / "config.json", what="run config")
+        lora_cfg = {"r": cfg["lora"]["r"], "target_modules": cfg["lora"]["target_modules"]}
+        optimizer = flops.count(projection_model(failed_on)[0], 1, 1, lora=lora_cfg, trainable="lora").optimizer_coursework
+        split["train"]["coursework"] += cfg["flops"]["train_step"] - optimizer
+        split["train"]["hardware"] += cfg["flops"]["train_step_hardware"]
     return split
 
 
@@ -320,7 +461,10 @@ def forecast(args, name: str, model, tok, run_cfg: dict, split: str, ledger: Led
              group: distributed.Group) -> tuple[dict, object]:
     """Forecast --eval-systems systems of a split with one model; book the FLOPs. (metrics, task).
     Under torchrun each process forecasts a contiguous share of the systems (every sample draws from
-    its own seeded stream, so the forecasts do not depend on the split) and all gather the texts."""
+    its own seeded stream, so the forecasts do not depend on the split) and all gather the texts.
+    The texts and their FLOPs are kept in OUT/forecasts/NAME.json before they are booked: a rerun
+    (after a kill, or of a finished study) reads them back and books what is not booked yet, and never
+    forecasts the same thing twice."""
     import eval as ev
     from data import Scaler, forecast_task
 
@@ -328,20 +472,28 @@ def forecast(args, name: str, model, tok, run_cfg: dict, split: str, ledger: Led
     values, _, _, _ = ev.evaluation_values(ns, {name: (None, run_cfg)})
     scaler, decimals = Scaler.from_dict(run_cfg["scaler"]), int(run_cfg["args"]["decimals"])
     task = forecast_task(values, scaler, decimals, args.eval_context_steps, args.horizon)
-    start, end = group.span(len(task.prompts))
-    used = {}
-    texts = ev.generate_forecasts(model, tok, task.prompts[start:end], args.horizon, decimals, *sampling(args, split),
-                                  args.eval_batch_size, seed=0, flops_used=used, first=start)
-    shares = group.all_gather((texts, used))
-    texts = [t for share, _ in shares for t in share]
-    metrics = ev.evaluate_forecasts(texts, task, scaler, decimals, args.horizon)
-    ledger.book(name, "forecast", *(sum(u.get(k, 0) for _, u in shares) for k in ("coursework", "hardware")),
-                passes=[p for _, u in shares for p in u.get("passes", [])])
+    kept = Path(args.out) / "forecasts" / f"{name}.json"
+    done = group.broadcast(read_json(kept, what="forecasts") if group.is_main and kept.exists() else None)
+    if done is None:
+        start, end = group.span(len(task.prompts))
+        used = {}
+        texts = ev.generate_forecasts(model, tok, task.prompts[start:end], args.horizon, decimals,
+                                      *sampling(args, split), args.eval_batch_size, seed=0, flops_used=used, first=start)
+        shares = group.all_gather((texts, used))
+        done = {"texts": [t for share, _ in shares for t in share],
+                **{k: sum(u.get(k, 0) for _, u in shares) for k in ("coursework", "hardware")},
+                "passes": [p for _, u in shares for p in u.get("passes", [])]}
+        if group.is_main:
+            write_json(kept, done)
+    metrics = ev.evaluate_forecasts(done["texts"], task, scaler, decimals, args.horizon)
+    ledger.book(name, "forecast", done["coursework"], done["hardware"], passes=done["passes"])
     return metrics, task
 
 
-def judge(args, run: dict, folder: Path, base, tok, ledger: Ledger, group: distributed.Group) -> dict:
-    """A run's record: settings, FLOPs, validation loss and forecast errors (cached in its folder)."""
+def judge(args, run: dict, folder: Path, failed: dict | None, base, tok, ledger: Ledger, group: distributed.Group) -> dict:
+    """A run's record: settings, FLOPs, validation loss and forecast errors (cached in its folder). A run
+    that failed (its loss diverged, or its validation loss is not finite) is recorded as failed, with the
+    step and the reason, and is not forecast."""
     cached = folder / "study_eval.json"
     record = group.broadcast(read_json(cached, what="study evaluation") if group.is_main and cached.exists() else None)
     if record is not None:
@@ -350,38 +502,63 @@ def judge(args, run: dict, folder: Path, base, tok, ledger: Ledger, group: distr
 
     import lora
 
-    cfg = read_json(folder / "config.json", what="run config")
-    model = copy.deepcopy(base)
-    lora.load_adapter(model, folder)
-    model.eval()
-    metrics, _ = forecast(args, run["name"], model, tok, cfg, "val", ledger, group)
+    failed = failed or group.broadcast(nonfinite_validation(folder) if group.is_main else None)
+    metrics = None
+    if failed is None:
+        cfg = read_json(folder / "config.json", what="run config")
+        model = copy.deepcopy(base)
+        lora.load_adapter(model, folder)
+        model.eval()
+        metrics, _ = forecast(args, run["name"], model, tok, cfg, "val", ledger, group)
     if group.is_main:
         vals = [r for r in read_metrics(folder) if "val_loss" in r]
         spent = {k: sum(b[k] for b in ledger.lines if b["run"] == run["name"]) for k in ("coursework", "hardware")}
-        ci = forecast_metrics.add_intervals(dict(metrics), args.bootstrap, args.bootstrap_seed)["ci"]
-        record = {**run, "val_loss": vals[-1]["val_loss"], "val_mae": metrics["mae"], "val_mse": metrics["mse"],
-                  "val_mase": metrics["mase"], "val_ci": ci, "val_invalid": metrics["invalid"], "flops": spent,
+        ci = None if failed else forecast_metrics.add_intervals(dict(metrics), args.bootstrap, args.bootstrap_seed)["ci"]
+        scores = ({"failed": failed, "val_loss": None, "val_mae": None, "val_mse": None, "val_mase": None,
+                   "val_ci": {}, "val_invalid": None} if failed else
+                  {"val_loss": vals[-1]["val_loss"], "val_mae": metrics["mae"], "val_mse": metrics["mse"],
+                   "val_mase": metrics["mase"], "val_ci": ci, "val_invalid": metrics["invalid"]})
+        record = {**run, **scores, "flops": spent,
                   "curve": [{"step": r["step"], "val_loss": r["val_loss"], "flops": r["flops"]} for r in vals]}
         write_json(cached, record)
     return group.broadcast(record)
 
 
+def nonfinite_validation(folder: Path) -> dict | None:
+    """{step, reason} when the run's last validation loss is NaN or infinite (its training stayed finite)."""
+    import math
+
+    vals = [r for r in read_metrics(folder) if "val_loss" in r]
+    last = vals[-1] if vals else None
+    return None if last is None or math.isfinite(last["val_loss"]) else \
+        {"step": last["step"], "reason": f"the validation loss became {last['val_loss']} at step {last['step']}"}
+
+
 # ------------------------------------------------------------------------------------------ phases
 def run_phase(args, runs_and_costs, base, tok, ledger: Ledger, group: distributed.Group) -> list[dict]:
+    """Train and judge each run of a phase. A failed run is recorded and the phase goes on; a phase
+    whose every run failed stops the study (there is nothing to choose from)."""
     records = []
     for run, cost in runs_and_costs:
-        folder = train_run(args, run, cost["train"] + cost["validation"], ledger, group)
-        records.append(judge(args, run, folder, base, tok, ledger, group))
+        folder, failed = train_run(args, run, cost["train"] + cost["validation"], ledger, group)
+        records.append(judge(args, run, folder, failed, base, tok, ledger, group))
         r = records[-1]
+        scores = (f"FAILED at step {r['failed']['step']} ({r['failed']['reason']})" if r.get("failed") else
+                  f"val loss {r['val_loss']:.4f}, val MAE {r['val_mae']:.4f}, MSE {r['val_mse']:.4f}, "
+                  f"MASE {r.get('val_mase', float('nan')):.4f}")
         if group.is_main:
-            print(f"{run['name']}: val loss {r['val_loss']:.4f}, val MAE {r['val_mae']:.4f}, MSE {r['val_mse']:.4f}, "
-                  f"MASE {r.get('val_mase', float('nan')):.4f}; "
-                  f"{r['flops']['coursework']:.3e} FLOPs; study {ledger.total():.3e} / {args.budget:.3g}", file=sys.stderr)
+            print(f"{run['name']}: {scores}; {r['flops']['coursework']:.3e} FLOPs; study {ledger.total():.3e} / "
+                  f"{args.budget:.3g}", file=sys.stderr)
+    if records and all(r.get("failed") for r in records):
+        raise UserError(f"every {records[0]['phase']} run failed, nothing to choose from: "
+                        + "; ".join(f"{r['name']} at step {r['failed']['step']}" for r in records)
+                        + f" ({records[0]['failed']['reason']}); lower the learning rate or --clip, with a new --out")
     return records
 
 
 def best_of(args, records: list[dict]) -> dict:
-    return min(records, key=lambda r: (r[args.select], r["name"]))
+    """The best run that did not fail (run_phase has made sure there is one)."""
+    return min((r for r in records if not r.get("failed")), key=lambda r: (r[args.select], r["name"]))
 
 
 def test_phase(args, final: dict, base, tok, ledger: Ledger, group: distributed.Group) -> dict:
@@ -456,6 +633,8 @@ def run_study(args, plan, targs, group: distributed.Group, device) -> dict:
     total = sum(sum(cost.values()) for _, cost in plan)
     if group.is_main:
         print_plan(args, plan, " (context and final runs at their most expensive setting)")
+        for note in selection_notes(args, plan):
+            print(f"note: {note}", file=sys.stderr)
     if total > args.budget:
         per_step = sum(c["train"] for r, c in plan if r["steps"]) / max(1, sum(r["steps"] for r, _ in plan))
         fit = int(max(0, args.budget - sum(c["validation"] + c["forecast"] for _, c in plan)) // per_step)
@@ -468,6 +647,7 @@ def run_study(args, plan, targs, group: distributed.Group, device) -> dict:
     out = Path(args.out)
     if group.is_main:
         out.mkdir(parents=True, exist_ok=True)
+    check_settings(args, group)
     group.barrier()
     ledger = Ledger(out / "ledger.jsonl", group)
     base, tok = load_pretrained(args.model, dtype=weights_dtype(targs.dtype, device), device=device,
@@ -494,6 +674,7 @@ def write_outputs(args, plan, grid, context, final, best, best_all, test, ledger
     report = {
         "settings": {k: v for k, v in vars(args).items() if k != "dry_run"},
         "plan": [{"run": r["name"], "steps": r["steps"], "projected": c} for r, c in plan],
+        "notes": selection_notes(args, plan),
         "runs": [strip(r) for r in grid + context + final], "best_grid": best.get("name"), "best": best_all.get("name"),
         "final": (final[0] if final else best_all)["name"],
         "test": {"systems": test["systems"], "results": test["results"], "comparisons": test["comparisons"]},
@@ -532,7 +713,7 @@ def results_markdown(args, grid, context, report) -> str:
     if context:
         lines += [f"## Context length ({args.context_length_steps} steps each, best grid setting: {report['best_grid']})", "",
                   "| context length | val loss | val MAE | val MSE | FLOPs |", "| ---: | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {r['flags']['context_length']} | {r['val_loss']:.4f} | {r['val_mae']:.4f} | {r['val_mse']:.4f} | "
+        lines += [f"| {r['flags']['context_length']} | {score(r, 'val_loss')} | {score(r, 'val_mae')} | {score(r, 'val_mse')} | "
                   f"{r['flops']['coursework']:.3e} |" for r in context] + [""]
     t = report["test"]
     lines += [f"## Test ({t['systems']} systems, {args.eval_context_steps} context steps, horizon {args.horizon}; "
@@ -554,6 +735,7 @@ def results_markdown(args, grid, context, report) -> str:
               f"{r['hardware']:.3e} |" for r in f["by_run"]]
     lines += [f"| **total** | | | | **{f['coursework']:.4e}** | {f['hardware']:.4e} |", "",
               f"Budget {f['budget']:.3g}: {100 * f['coursework'] / f['budget']:.2f}% used.", ""]
+    lines += failures_markdown(grid + context) + [f"Note: {note}" for note in report.get("notes", [])]
     return "\n".join(lines)
 
 
@@ -576,12 +758,26 @@ def validation_table(runs: list[dict], baselines: dict) -> list[str]:
              "| run | val loss | val MAE | val MSE | val MASE | FLOPs (coursework) |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in runs:
+        if r.get("failed"):
+            lines.append(f"| {r['name']} | {score(r, 'val_loss')} | — | — | — | {r['flops']['coursework']:.3e} |")
+            continue
         m = {"mae": r["val_mae"], "mse": r["val_mse"], "mase": r.get("val_mase", float("nan")), "ci": r.get("val_ci", {})}
         lines.append(f"| {r['name']} | {r['val_loss']:.4f} | {interval(m, 'mae')} | {interval(m, 'mse')} | "
                      f"{interval(m, 'mase')} | {r['flops']['coursework']:.3e} |")
     lines += [f"| {name} | — | {interval(b, 'mae')} | {interval(b, 'mse')} | {interval(b, 'mase')} | 0 |"
               for name, b in baselines.items()]
     return lines + [""]
+
+
+def failures_markdown(records) -> list[str]:
+    failed = [r for r in records if r.get("failed")]
+    return ["## Failed runs (never selected)", ""] + [f"- {r['name']}: failed at step {r['failed']['step']}: "
+                                                      f"{r['failed']['reason']}" for r in failed] + [""] if failed else []
+
+
+def score(r: dict, key: str, digits: int = 4) -> str:
+    """A run's metric for a table, or where it failed."""
+    return f"failed at step {r['failed']['step']}" if r.get("failed") else f"{r[key]:.{digits}f}"
 
 
 def grid_table(args, grid) -> list[str]:
@@ -595,10 +791,11 @@ def grid_table(args, grid) -> list[str]:
         lines[0] = f"| {rows_flag} \\ {lines[0]}"
         for v in row_values:
             lines.append(f"| {rows_flag} {v} | " + " | ".join(
-                f"{cell[(v, c)][metric]:.4f} ({cell[(v, c)]['val_loss']:.3f})" for c in col_values) + " |")
+                f"{score(cell[(v, c)], metric)} ({score(cell[(v, c)], 'val_loss', 3)})" if not cell[(v, c)].get("failed")
+                else score(cell[(v, c)], metric) for c in col_values) + " |")
         return lines
     lines = ["| run | val loss | val MAE | val MSE |", "| --- | ---: | ---: | ---: |"]
-    return lines + [f"| {r['name']} | {r['val_loss']:.4f} | {r['val_mae']:.4f} | {r['val_mse']:.4f} |" for r in grid]
+    return lines + [f"| {r['name']} | {score(r, 'val_loss')} | {score(r, 'val_mae')} | {score(r, 'val_mse')} |" for r in grid]
 
 
 def make_plots(folder: Path, args, grid, context, final, test) -> list[Path]:
@@ -622,23 +819,28 @@ def make_plots(folder: Path, args, grid, context, final, test) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for r in grid + context + final:
         for ax, x in zip(axes, ("step", "flops")):
-            ax.plot([c[x] for c in r["curve"]], [c["val_loss"] for c in r["curve"]], marker=".", label=r["name"])
+            ax.plot([c[x] for c in r["curve"]], [c["val_loss"] for c in r["curve"]], marker=".", label=r["name"]
+                    + (f" (failed at step {r['failed']['step']})" if r.get("failed") else ""))
     for ax, x in zip(axes, ("step", "FLOPs (coursework, the run's own)")):
         ax.set(xlabel=x, ylabel="validation loss (nats per token)")
     axes[1].legend(fontsize=6)
     save(fig, "val_loss.png")
     if len(args.grid) == 2 and grid:
         (rf, rv), (cf, cv) = args.grid
-        cell = {(r["flags"][rf], r["flags"][cf]): r[args.select] for r in grid}
+        cell = {(r["flags"][rf], r["flags"][cf]): plotted(r, args.select) for r in grid}
         fig, ax = plt.subplots(figsize=(5, 4))
         im = ax.imshow([[cell[(a, b)] for b in cv] for a in rv], cmap="viridis_r")
+        for r in (r for r in grid if r.get("failed")):  # a failed run's cell is blank, and says so
+            ax.text(cv.index(r["flags"][cf]), rv.index(r["flags"][rf]), "failed", ha="center", va="center")
         ax.set(xticks=range(len(cv)), xticklabels=cv, yticks=range(len(rv)), yticklabels=rv, xlabel=cf, ylabel=rf,
                title=f"validation {args.select.removeprefix('val_').upper()}")
         fig.colorbar(im)
         save(fig, "grid_heatmap.png")
     if context:
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.bar([r["flags"]["context_length"] for r in context], [r[args.select] for r in context])
+        ax.bar([r["flags"]["context_length"] for r in context], [plotted(r, args.select) for r in context])
+        for r in (r for r in context if r.get("failed")):
+            ax.text(r["flags"]["context_length"], 0, "failed", ha="center", va="bottom")
         ax.set(xlabel="context length (tokens)", ylabel=f"validation {args.select.removeprefix('val_').upper()}")
         save(fig, "context_lengths.png")
     written += test_plots(save, plt, args, test)
@@ -649,6 +851,7 @@ def make_plots(folder: Path, args, grid, context, final, test) -> list[Path]:
 def error_vs_flops(save, plt, runs: list[dict], test: dict) -> None:
     """Validation MAE of every run against the FLOPs it used (and the final run's test MAE), each with its
     95% interval, and the baselines on the same systems as horizontal lines: what more compute buys."""
+    runs = [r for r in runs if not r.get("failed")]  # a failed run has no forecast error to show
     final_name = runs[-1]["name"] if runs else None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     panels = ((axes[0], "validation", runs, test["val_baselines"]),
@@ -665,6 +868,11 @@ def error_vs_flops(save, plt, runs: list[dict], test: dict) -> None:
                ylabel=f"{split} MAE (original units)", title=f"{split} error against compute")
         ax.legend(fontsize=6)
     save(fig, "error_vs_flops.png")
+
+
+def plotted(r: dict, key: str) -> float:
+    """A run's metric for a plot: NaN (nothing drawn) for a failed run."""
+    return float("nan") if r.get("failed") else r[key]
 
 
 def test_plots(save, plt, args, test) -> list:

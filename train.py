@@ -200,6 +200,22 @@ def check_compiler(device: torch.device) -> None:
         raise UserError("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop --compile")
 
 
+def parse_run_argv(argv) -> tuple[argparse.Namespace, dict]:
+    """(a fresh run's settings, the flags given) from its command line, checked as setup checks them,
+    without loading or training anything; a bad flag or value is a one-line UserError, never argparse's
+    usage and exit. study.py checks every run it plans this way before the first one trains."""
+    parser = build_parser()
+
+    def refuse(message: str):
+        raise UserError(message)
+
+    parser.error = refuse
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    args, _ = resolve_args(argv)
+    check_args(args)
+    return args, given
+
+
 # -------------------------------------------------------------------------------------------- data
 class BatchOrder:
     """Shuffled passes over the training windows. Each epoch's order is a pure function of (seed,
