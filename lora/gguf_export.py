@@ -38,6 +38,7 @@ from common import UserError
 from model.config import ModelConfig
 from model.gguf_export import rope_interleave, tensor_name, write_gguf, write_gguf_file
 from model.nf4 import NF4Weight
+from model.transformer import Transformer
 
 from .inject import lora_modules
 from .peft_format import read_adapter
@@ -69,12 +70,19 @@ def export_gguf(model, path: str | os.PathLike, gguf_type: str = "f16",
 
 
 def adapter_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """PEFT-named A/B matrices -> `blk.N.attn_q.weight.lora_a` / `.lora_b`, B permuted for Llama's q/k."""
+    """PEFT-named A/B matrices -> `blk.N.attn_q.weight.lora_a` / `.lora_b`, B permuted for Llama's q/k.
+    Each is checked against the base weight's shape (llama.cpp would refuse a mismatch only at load time)."""
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in Transformer(config).named_parameters()}  # no memory
     out = {}
     for name, t in sorted(tensors.items()):
         base, _, kind = name.partition(".lora_")  # "model.layers.0.self_attn.q_proj", "A.weight"
-        if kind not in ("A.weight", "B.weight"):
-            raise UserError(f"unexpected adapter tensor {name}")
+        weight = shapes.get(base + ".weight")
+        if kind not in ("A.weight", "B.weight") or weight is None:
+            raise UserError(f"the adapter tensor {name} has no place in a {config.model_type} model")
+        if (kind == "A.weight" and t.shape[1] != weight[1]) or (kind == "B.weight" and t.shape[0] != weight[0]):
+            raise UserError(f"the adapter does not fit the base model: {name} has shape {tuple(t.shape)}, "
+                            f"the weight it adapts {weight} (made for another model?)")
         t = t.float()
         if kind == "B.weight" and config.model_type == "llama" and base.endswith(("q_proj", "k_proj")):
             heads = config.num_attention_heads if base.endswith("q_proj") else config.num_key_value_heads

@@ -365,6 +365,27 @@ def test_merged_tensors_leave_the_model_alone_and_match_merge(tmp_path, cut_is_q
     assert set(gguf_tensors(state, model.config)) == {t for t in map(tensor_name, state)}
 
 
+def test_qlora_merges_into_the_dequantized_weights(tmp_path, cut_is_qwen2):
+    model = load_model(checkpoint(tmp_path, "llama", cut_is_qwen2), quantize="nf4")
+    lora.apply_lora(model, rank=4, targets=["q_proj", "down_proj"], verbose=False)
+    randomize_adapters(model)
+    state = merged_tensors(model)
+    q, k = model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.k_proj
+    assert torch.equal(state["model.layers.0.self_attn.q_proj.weight"], q.weight.dequantize(torch.float32) + q.delta_weight())
+    assert torch.equal(state["model.layers.0.self_attn.k_proj.weight"], k.weight.dequantize(torch.float32))
+    assert all(t.dtype == torch.float32 for t in state.values())
+
+
+def test_adapter_for_another_model_is_refused(tmp_path, cut_is_qwen2):
+    model = load_model(checkpoint(tmp_path, "qwen2", cut_is_qwen2))
+    lora.apply_lora(model, rank=4, targets="all", verbose=False)
+    lora.save_adapter(model, tmp_path / "adapter")
+    other = load_model(checkpoint(tmp_path, "llama", cut_is_qwen2, hidden=32, heads=2, kv=1)).config
+    with pytest.raises(UserError, match="does not fit the base model"):
+        export_adapter_gguf(tmp_path / "adapter", other, tmp_path / "adapter.gguf")
+    assert not (tmp_path / "adapter.gguf").exists()
+
+
 def test_trained_run_merged_gguf_matches_the_merged_hf_folder(tmp_path, cut_is_qwen2):
     """A real (short) LoRA run, exported by the CLI both ways: the GGUF, read by transformers, gives the
     merged Hugging Face folder's logits (f32: to 1e-6); the adapter GGUF has every trained matrix."""
