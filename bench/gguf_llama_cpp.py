@@ -107,8 +107,17 @@ def write(out: Path, smollm2: str | None) -> None:
 
 
 def check(out: Path) -> None:
+    import llama_cpp.llama_cpp as api
     from llama_cpp import Llama, __version__
 
+    default_params = api.llama_model_default_params
+
+    def without_extra_buffers():  # ggml's AMX int8 kernels die with SIGILL on VMs that do not grant AMX state
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    api.llama_model_default_params = without_extra_buffers
     print(f"llama-cpp-python {__version__}")
     for case in json.loads((out / "cases.json").read_text()):
         kwargs = {"lora_path": str(out / case["lora"])} if case["lora"] else {}
