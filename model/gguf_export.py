@@ -116,7 +116,8 @@ def tokenizer_keys(meta: dict) -> list[tuple[str, str, object]]:
     """(key, GGUF value type, value) for the `tokenizer.ggml.*` and `tokenizer.chat_template` keys."""
     ids = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "pad": "padding_token_id"}
     keys = [("tokenizer.ggml.model", "string", meta["model"]), ("tokenizer.ggml.pre", "string", meta["pre"]),
-            ("tokenizer.ggml.tokens", "array", meta["tokens"]), ("tokenizer.ggml.token_type", "array", meta["token_type"]),
+            ("tokenizer.ggml.tokens", "array", meta["tokens"]),
+            ("tokenizer.ggml.token_type", "array", meta["token_type"]),
             ("tokenizer.ggml.merges", "array", meta["merges"])]
     keys += [(f"tokenizer.ggml.{ids[kind]}", "uint32", i) for kind, i in meta["special_ids"].items()]
     keys += [(f"tokenizer.ggml.add_{kind}_token", "bool", on) for kind, on in meta["add_special"].items()]

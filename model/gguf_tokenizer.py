@@ -60,7 +60,8 @@ def pre_tokenizer_name(tok: HFTokenizer, folder: Path) -> str:
     fingerprint = sha256(str(tok.encode(CHECK_TEXT, add_special_tokens=True).ids).encode()).hexdigest()
     if fingerprint not in PRE_TOKENIZERS:
         raise UserError(f"the tokenizer in {folder} is not one llama.cpp's pre-tokenizers are known to match "
-                        f"(fingerprint {fingerprint[:12]}...); GGUF export supports Qwen2.5, SmolLM2 and Llama 3 tokenizers")
+                        f"(fingerprint {fingerprint[:12]}...); GGUF export supports Qwen2.5, SmolLM2 and Llama 3 "
+                        f"tokenizers")
     return PRE_TOKENIZERS[fingerprint]
 
 
@@ -125,8 +126,8 @@ def adds_special(tok: HFTokenizer, tokenizer_config: dict, ids: dict[str, int]) 
     framed = tok.encode("a", add_special_tokens=True).ids
     behaviour = {"bos": len(framed) > len(plain) and framed[0] == ids.get("bos"),
                  "eos": len(framed) > len(plain) and framed[-1] == ids.get("eos")}
-    return {kind: bool(tokenizer_config[f"add_{kind}_token"]) if isinstance(tokenizer_config.get(f"add_{kind}_token"), bool)
-            else behaviour[kind] for kind in ("bos", "eos")}
+    stated = {kind: tokenizer_config.get(f"add_{kind}_token") for kind in ("bos", "eos")}
+    return {kind: stated[kind] if isinstance(stated[kind], bool) else bool(behaviour[kind]) for kind in ("bos", "eos")}
 
 
 def chat_template(folder: Path, tokenizer_config: dict) -> str | None:

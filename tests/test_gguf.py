@@ -44,7 +44,8 @@ CHAT = [{"role": "user", "content": "Forecast: 0.25,1.50;0.27,1.47;"}, {"role": 
 def read_metadata(path):
     from transformers.integrations.gguf import read_gguf_metadata
 
-    return read_gguf_metadata(str(path), ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"))[0]
+    in_full = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")  # not just their length
+    return read_gguf_metadata(str(path), in_full)[0]
 
 
 def write_cut_tokenizer(folder):
@@ -91,7 +92,8 @@ def gguf_alone(tmp_path, name="model.gguf"):
 
 
 def read_back(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
 
 
 IDS = torch.randint(0, CUT + 22, (2, 17), generator=torch.Generator().manual_seed(3))
@@ -235,7 +237,8 @@ def test_metadata_keys_one_by_one(tmp_path, cut_is_qwen2):
         }
         for key, value in expected.items():
             assert meta[key] == value, key
-        assert len(meta["tokenizer.ggml.tokens"]) == VOCAB and meta["tokenizer.ggml.tokens"][VOCAB - 1] == f"[PAD{VOCAB - 1}]"
+        tokens = meta["tokenizer.ggml.tokens"]
+        assert len(tokens) == VOCAB and tokens[CUT + 2] == "<|im_end|>" and tokens[VOCAB - 1] == f"[PAD{VOCAB - 1}]"
 
 
 @pytest.fixture(scope="module")
@@ -371,7 +374,8 @@ def test_qlora_merges_into_the_dequantized_weights(tmp_path, cut_is_qwen2):
     randomize_adapters(model)
     state = merged_tensors(model)
     q, k = model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.k_proj
-    assert torch.equal(state["model.layers.0.self_attn.q_proj.weight"], q.weight.dequantize(torch.float32) + q.delta_weight())
+    merged_q = q.weight.dequantize(torch.float32) + q.delta_weight()  # (out, in), added in fp32
+    assert torch.equal(state["model.layers.0.self_attn.q_proj.weight"], merged_q)
     assert torch.equal(state["model.layers.0.self_attn.k_proj.weight"], k.weight.dequantize(torch.float32))
     assert all(t.dtype == torch.float32 for t in state.values())
 
