@@ -28,6 +28,10 @@ where the uninterrupted run would have.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: Ctrl-C during start-up is one line (startup.py)
+    import startup
+    startup.quiet_ctrl_c()
+
 import argparse
 import contextlib
 import json
@@ -47,6 +51,7 @@ import lora
 from checkpoints import latest_checkpoint, remove_partial, rewind_log, write_checkpoint
 from common import (UserError, deferred_interrupts, parse_device, read_json, reuse_freed_memory, run_cli,
                     sigterm_as_interrupt, weights_dtype, write_json)
+from common import ReportedInterrupt, format_perplexity
 import eval_prompts
 from data import TrainingData, forecasting_data, load_trajectories
 from data.chat import chat_data
@@ -101,17 +106,32 @@ FLAGS = (  # (flag, default, help, argparse keywords). Every flag parses to None
     ("--loss-chunk", 512, "rows of logits formed at once by the loss", {"type": int}),
     ("--quantize", None, "store the frozen projections in 4-bit NF4 (QLoRA; model/nf4.py)", {"choices": ["nf4"]}),
 )
+# --help shows the flags in these groups, so the eye finds them; every flag of FLAGS (and --resume) is in
+# exactly one (tests/test_first_hour.py): a new flag fails that test until it is given a group here.
+FLAG_GROUPS = {
+    "model and data": ("--model", "--quantize", "--data", "--val-data", "--val-fraction", "--train-on", "--pack",
+                       "--systems", "--data-seed", "--context-length", "--stride", "--decimals"),
+    "LoRA": ("--rank", "--alpha", "--targets", "--dropout"),
+    "optimizer": ("--lr", "--weight-decay", "--betas", "--eps", "--clip", "--seed"),
+    "schedule and budget": ("--steps", "--warmup", "--schedule", "--batch-size", "--grad-accum", "--max-flops"),
+    "evaluation": ("--eval-every", "--eval-batches", "--eval-prompts", "--eval-max-tokens"),
+    "checkpoints": ("--out", "--save-every", "--resume"),
+    "performance": ("--dtype", "--device", "--grad-checkpoint", "--compile", "--loss-chunk"),
+}
 DEFAULTS = {flag[2:].replace("-", "_"): default for flag, default, _, _ in FLAGS}
 # What may change between the sessions of one run; everything else would silently change the run.
 RESUMABLE = ("steps", "max_flops", "eval_every", "save_every", "device", "grad_checkpoint", "compile")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # --step is not --steps
+    groups = {title: p.add_argument_group(title) for title in FLAG_GROUPS}
+    group_of = {flag: groups[title] for title, flags in FLAG_GROUPS.items() for flag in flags}
     for flag, default, help, kw in FLAGS:
         shown = "" if default is None or "default" in help or kw is ON_OFF else f" (default: {default})"
-        p.add_argument(flag, default=None, help=help + shown, **kw)
-    p.add_argument("--resume", default=None, metavar="OUT",
+        group_of.get(flag, p).add_argument(flag, default=None, help=help + shown, **kw)
+    group_of.get("--resume", p).add_argument("--resume", default=None, metavar="OUT",
                    help=f"continue the run in this folder; only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} "
                         f"may be given again with new values")
     return p
@@ -147,6 +167,9 @@ def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
 def read_run_config(out: Path) -> dict:
     if not out.is_dir():
         raise UserError(f"no run to resume: {out} does not exist")
+    if not (out / "config.json").is_file() and out.name.startswith("checkpoint-") and (out.parent / "config.json").is_file():
+        raise UserError(f"{out} is a checkpoint of the run {out.parent}; resume the run: --resume {out.parent} "
+                        f"(it continues from its newest checkpoint)")
     saved = read_json(out / "config.json", what="run config (config.json)")
     if not (isinstance(saved, dict) and isinstance(saved.get("args"), dict)
             and (isinstance(saved.get("scaler"), dict) and "alpha" in saved["scaler"] or isinstance(saved.get("chat"), dict))):
@@ -518,7 +541,8 @@ def validate(run: Run) -> None:
                            "flops": state.flops, "flops_hardware": state.flops_hardware})
     run.last["val_loss"] = val
     if run.group.is_main:
-        tqdm.write(f"step {state.step}: val loss {val:.4f}, perplexity {math.exp(min(val, 700)):.3f}", file=sys.stderr)
+        tqdm.write(f"step {state.step}: val loss {val:.4f}, perplexity {format_perplexity(math.exp(min(val, 700)))}",
+                   file=sys.stderr)
 
 
 def sample_eval_prompts(run: Run, column: str) -> None:
@@ -629,6 +653,7 @@ def train_process(argv) -> dict:
                 if run.group.is_main:
                     print(f"\ninterrupted after step {run.state.step}: {saved}; continue with "
                           f"python train.py --resume {run.out}", file=sys.stderr)
+                    raise ReportedInterrupt from None  # run_cli adds no second "interrupted"
                 raise
         return finish(run, stopped)
     finally:
