@@ -298,12 +298,14 @@ DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def documented_commands():
-    """(document, line, command) for every `python ...` / `torchrun ... x.py` line in a fenced shell or
-    output block (a leading "$ " prompt dropped, backslash continuations joined)."""
+    """(document, line, command, the error it is shown to end in or None) for every `python ...` /
+    `torchrun ... x.py` line in a fenced shell or output block (a leading "$ " prompt dropped, backslash
+    continuations joined; an output line "error: ..." right after a command is its documented error)."""
     found = []
     for doc in DOCUMENTS:
         fence, pending, start = None, None, 0
-        for number, line in enumerate(doc.read_text().splitlines(), 1):
+        lines = doc.read_text().splitlines()
+        for number, line in enumerate(lines, 1):
             if line.startswith("```"):
                 fence, pending = (None if fence is not None else line[3:].strip()), None
                 continue
@@ -316,7 +318,8 @@ def documented_commands():
                 pending, start = "", number
             pending += text.removesuffix("\\").strip() + " "
             if not text.endswith("\\"):
-                found.append((doc.name, start, pending.strip()))
+                after = lines[number] if number < len(lines) else ""
+                found.append((doc.name, start, pending.strip(), after[7:] if after.startswith("error: ") else None))
                 pending = None
     return found
 
@@ -365,8 +368,9 @@ def parse_command(script: str, argv: list[str]) -> None:
     with stop_after_parsing(), mock.patch.object(sys, "argv", [script, *argv]):
         if script.endswith(".py"):  # imported under another name, so its `if __name__ == "__main__"` stays idle
             sys.path.insert(0, str(path.parent))  # as `python path/x.py` does
-            spec = importlib.util.spec_from_file_location(f"_documented_{path.stem}", path)
-            module = importlib.util.module_from_spec(spec)
+            name = f"_documented_{path.stem}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
             spec.loader.exec_module(module)
         else:
             module = importlib.import_module(script)
@@ -378,11 +382,13 @@ COMMANDS = documented_commands()
 
 
 def test_the_documents_hold_commands():
-    assert len(COMMANDS) >= 30 and any(doc == "first_hour.md" for doc, _, _ in COMMANDS)
+    assert len(COMMANDS) >= 30 and any(doc == "first_hour.md" for doc, *_ in COMMANDS)
+    assert any(error for *_, error in COMMANDS)
 
 
-@pytest.mark.parametrize("doc,line,command", COMMANDS, ids=[f"{d}:{n}" for d, n, _ in COMMANDS])
-def test_every_documented_command_parses_with_its_scripts_parser(doc, line, command):
+@pytest.mark.parametrize("doc,line,command,error", COMMANDS, ids=[f"{d}:{n}" for d, n, *_ in COMMANDS])
+def test_every_documented_command_parses_with_its_scripts_parser(doc, line, command, error):
+    """A command shown ending in an error parses, or fails in parsing with exactly that error."""
     if command in UNPARSEABLE:
         pytest.skip(UNPARSEABLE[command])
     script, argv = script_and_argv(command)
@@ -395,20 +401,38 @@ def test_every_documented_command_parses_with_its_scripts_parser(doc, line, comm
         parse_command(script, argv)
     except SystemExit as e:
         raise AssertionError(f"{doc}:{line}: {command!r} does not parse (exit {e.code})") from None
+    except UserError as e:
+        if str(e) != error:
+            raise
 
 
-def quick_start_offline_commands():
-    text = (ROOT / "README.md").read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    return [c for doc, _, c in COMMANDS if doc == "README.md" and c in text and "tiny" in c]
+def offline_commands(doc: str) -> list[tuple[str, str | None]]:
+    """The commands of a document that need only the tiny model (README.md: of its quick start), in order."""
+    lines = (ROOT / doc.replace("first_hour.md", "docs/first_hour.md")).read_text().splitlines()
+    first, last = 0, len(lines)
+    if doc == "README.md":
+        first = lines.index("## Quick start")
+        last = next(i for i in range(first + 1, len(lines)) if lines[i].startswith("## "))
+    return [(c, error) for d, n, c, error in COMMANDS if d == doc and first < n <= last and "tiny" in c]
 
 
-def test_the_quick_starts_offline_commands_run_as_printed(tmp_path, monkeypatch, capsys):
-    """The quick start's offline run (the tiny model, then its adapter) in a fresh folder, as printed."""
-    commands = quick_start_offline_commands()
-    assert len(commands) >= 2 and commands[0].startswith("python train.py --model tiny")
+@pytest.mark.parametrize("doc", ["README.md", "first_hour.md"])
+def test_the_offline_commands_run_as_printed(tmp_path, monkeypatch, capsys, doc):
+    """Every command of the quick start and of docs/first_hour.md that needs no download, run as printed
+    one after the other in an empty folder (beside the shipped examples/); a command shown ending in an
+    error ends in exactly that error."""
+    commands = offline_commands(doc)
+    assert len(commands) >= (2 if doc == "README.md" else 8) and commands[0][0].startswith("python train.py --model tiny")
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
     monkeypatch.chdir(tmp_path)
-    run = {"train.py": train.main, "eval.py": ev.main, "sample.py": sample.main, "lora.export": export.main}
-    for command in commands:
+    run = {"train.py": train.main, "eval.py": ev.main, "sample.py": sample.main, "lora.export": export.main,
+           "study.py": study.main}
+    for command, error in commands:
         script, argv = script_and_argv(command)
-        run[script](argv)
+        if error is None:
+            run[script](argv)
+        else:
+            with pytest.raises(UserError) as e:
+                run[script](argv)
+            assert str(e.value) == error
     assert (tmp_path / "runs" / "tiny" / "config.json").is_file()
