@@ -17,6 +17,9 @@ def quiet_ctrl_c() -> None:
         if __name__ == "__main__":  # before torch loads: Ctrl-C during start-up is one line
             import startup
             startup.quiet_ctrl_c()
+
+    For `python -m lora.export` and `python -m data.lotka_volterra` the package's __init__ calls it,
+    since the package (and torch with it) is imported before the module runs.
     """
     previous = sys.excepthook
 

@@ -3,7 +3,7 @@
     python train.py --rank 8 --lr 1e-4                 # Qwen2.5-0.5B-Instruct, simulated data, runs/lv
     python train.py --model tiny --steps 50 --out runs/tiny      # the whole loop offline, in seconds
     python train.py --resume runs/lv --steps 2000      # continue a run to 2,000 steps in total
-    python train.py --data chats.jsonl --targets all --pack --eval-prompts prompts.txt --out runs/chat
+    python train.py --data examples/chats.jsonl --targets all --pack --eval-prompts examples/prompts.txt --out runs/chat
 
 `--data` picks the kind: an HDF5 file (or nothing: the simulator) is forecasting text (data/windows.py),
 a .jsonl file is chat or instruction data (data/chat.py). Both hand this loop the same thing, token
