@@ -340,7 +340,7 @@ def evaluation_values(args, runs: dict) -> tuple[np.ndarray, np.ndarray, dict, s
     split = split_indices(len(dataset), seed=data_args["data_seed"])
     if args.systems is not None and args.systems > len(split[args.split]):
         sizes = " / ".join(f"{len(split[k])} {k}" for k in ("train", "val", "test"))
-        print(f"note: --systems {args.systems}, but the {args.split} split has {len(split[args.split])} systems "
+        print(f"note: the {args.split} split has {len(split[args.split])} systems, not the {args.systems} asked for "
               f"({len(dataset)} systems split {sizes}); evaluating {len(split[args.split])}", file=sys.stderr)
     return dataset[split[args.split]][: args.systems], dataset, split, traj.source
 

@@ -51,7 +51,8 @@ def parse_args(argv=None):
                                 allow_abbrev=False, epilog="Flags after -- go to every training run, as train.py "
                                 "flags (python train.py --help): e.g. -- --batch-size 2 --decimals 3.")
     a = p.add_argument
-    a("--model", default=train.DEFAULTS["model"], help=f"hub id, checkpoint folder or 'tiny' (default: {train.DEFAULTS['model']})")
+    a("--model", default=train.DEFAULTS["model"],
+      help=f"hub id, checkpoint folder or 'tiny' (default: {train.DEFAULTS['model']})")
     a("--data", default=None, help="HDF5 file in the coursework layout (default: the built-in simulator)")
     a("--out", default="runs/study", help="the study's folder: ledger, results, one train.py run folder per run "
                                           "(default: runs/study)")

@@ -177,7 +177,7 @@ def test_split_sizes_are_said_and_too_many_systems_noted(tmp_path, capsys):
     assert "24 train / 3 val / 3 test systems" in capsys.readouterr().err
     report = ev.main(["--adapter", str(run), "--systems", "10", "--context-steps", "5", "--horizon", "2", "--no-base"])
     assert report["systems"] == 3
-    assert ("note: --systems 10, but the test split has 3 systems (30 systems split 24 train / 3 val / 3 test); "
+    assert ("note: the test split has 3 systems, not the 10 asked for (30 systems split 24 train / 3 val / 3 test); "
             "evaluating 3") in capsys.readouterr().err
 
 
