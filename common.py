@@ -31,7 +31,7 @@ def run_cli(main) -> None:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        if speaks and not isinstance(e, ReportedInterrupt):  # said once: the code that caught it may have
+        if speaks and not isinstance(e, ReportedInterrupt):  # a reported one has had its line already
             print("interrupted", file=sys.stderr)
         sys.exit(130)
 

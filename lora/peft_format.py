@@ -129,7 +129,7 @@ def load_adapter(model, path: str | os.PathLike, verbose: bool = False) -> None:
 
 
 def layer_note(tensors: dict, params: dict) -> str:
-    """': it covers 2 layers, this model has 24' when the layer counts differ, else ''."""
+    """': it covers 2 layer(s), this model has 24' when the layer counts differ, else ''."""
     def layers(names):
         return len({int(n.split(".layers.")[1].split(".")[0]) for n in names if ".layers." in n})
 
