@@ -30,10 +30,21 @@ def run_cli(main) -> None:
         if speaks:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        if speaks:
+    except KeyboardInterrupt as e:
+        if speaks and not isinstance(e, ReportedInterrupt):  # a reported one has had its line already
             print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+class ReportedInterrupt(KeyboardInterrupt):
+    """Ctrl-C whose outcome was already reported ("interrupted after step N: checkpoint saved ..."):
+    `run_cli` exits with 130 without adding a second, bare "interrupted"."""
+
+
+def format_perplexity(ppl: float) -> str:
+    """One format for perplexity everywhere (train.py's log, eval.py's table): 4 significant digits,
+    so a random model's 2.4e+18 is not written out as nineteen digits and 3.987 stays readable."""
+    return f"{ppl:.4g}"
 
 
 def fsync(path: str | os.PathLike) -> None:

@@ -31,6 +31,10 @@ samples, and the samples are scored by CRPS and the coverage of their 10-90% int
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: Ctrl-C during start-up is one line (startup.py)
+    import startup
+    startup.quiet_ctrl_c()
+
 import argparse
 import copy
 import math
@@ -46,6 +50,8 @@ import forecast_baselines
 import forecast_metrics
 import lora
 from common import UserError, parse_device, read_json, run_cli, weights_dtype, write_json
+from common import format_perplexity
+from runs import base_for
 from data import Scaler, decode, forecast_task, load_trajectories, make_windows, split_indices, trajectory_texts
 from forecast_baselines import naive_last, naive_linear  # noqa: F401  (eval.naive_last: where they used to live)
 from model import DEFAULT_MODEL, generate, load_pretrained
@@ -214,23 +220,39 @@ def with_interval(r: dict, metric: str) -> str:
     return f"{r[metric]:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
 
 
+def display_name(name: str, width: int = 40) -> str:
+    """A table label: the name when it fits `width`, else its last path components that fit, after
+    ".../" (never cut inside one: ".../smollm2-135m-instruct", not "...he/smollm2-135m-instruct")."""
+    if len(name) <= width:
+        return name
+    parts = name.rstrip("/").split("/")
+    label = parts[-1]
+    for part in reversed(parts[:-1]):
+        if len(".../" + part + "/" + label) > width:
+            break
+        label = part + "/" + label
+    return ".../" + label
+
+
 def print_table(results: dict, header: str, compared: list[dict] | None = None) -> None:
     print(header)
-    cols = (f"{'':<28}{'MAE [95% CI]':>26}{'MSE [95% CI]':>26}{'MASE [95% CI]':>26}{'prey MAE':>10}{'pred MAE':>10}"
+    labels = {name: display_name(name) for name in results}
+    w = max(28, max(len(label) for label in labels.values()) + 1)
+    cols = (f"{'':<{w}}{'MAE [95% CI]':>26}{'MSE [95% CI]':>26}{'MASE [95% CI]':>26}{'prey MAE':>10}{'pred MAE':>10}"
             f"{'invalid':>9}{'short':>7}")
     print(cols)
     for name, r in results.items():
-        label = name if len(name) <= 27 else "..." + name[-24:]
+        label = labels[name]
         extra = f"{r['invalid']:>9}{r['short']:>7}" if "invalid" in r else f"{'—':>9}{'—':>7}"
         mase = with_interval(r, "mase") if "mase" in r else "—"
-        print(f"{label:<28}{with_interval(r, 'mae'):>26}{with_interval(r, 'mse'):>26}{mase:>26}"
+        print(f"{label:<{w}}{with_interval(r, 'mae'):>26}{with_interval(r, 'mse'):>26}{mase:>26}"
               f"{r['prey']['mae']:>10.4f}{r['predator']['mae']:>10.4f}{extra}")
     print_notes(results, compared or [])
     if any("loss" in r for r in results.values()):
-        print(f"\n{'':<28}{'text loss':>10}{'ppl':>11}")
+        print(f"\n{'':<{w}}{'text loss':>10}{'ppl':>11}")
         for name, r in results.items():
             if "loss" in r:
-                print(f"{(name if len(name) <= 27 else '...' + name[-24:]):<28}{r['loss']:>10.4f}{r['ppl']:>11.4g}")
+                print(f"{labels[name]:<{w}}{r['loss']:>10.4f}{format_perplexity(r['ppl']):>11}")
 
 
 def print_notes(results: dict, compared: list[dict]) -> None:
@@ -311,33 +333,37 @@ def make_plots(folder: Path, task, forecasts: dict[str, np.ndarray], results: di
 
 # --------------------------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     a = p.add_argument
-    a("--model", default=DEFAULT_MODEL, help="base model: hub id, checkpoint folder or 'tiny'")
+    a("--model", default=None, help="base model: hub id, checkpoint folder or 'tiny' (default: the model the "
+                                    f"--adapter runs were trained on, else {DEFAULT_MODEL})")
     a("--adapter", action="append", default=[], help="a training run folder or adapter folder (repeatable)")
     a("--no-base", action="store_true", help="skip the base model (evaluate adapters and baselines only)")
     a("--data", default=None, help="HDF5 file (default: the built-in simulated dataset)")
     a("--data-seed", type=int, default=0, help="seed of the simulated data and the split (as in train.py)")
-    a("--split", default="test", choices=["train", "val", "test"])
-    a("--context-steps", type=int, default=50)
-    a("--horizon", type=int, default=20)
-    a("--samples", type=int, default=1)
-    a("--temperature", type=float, default=0.0)
+    a("--split", default="test", choices=["train", "val", "test"], help="systems to forecast (default: test)")
+    a("--context-steps", type=int, default=50, help="timesteps in each prompt (default: 50)")
+    a("--horizon", type=int, default=20, help="timesteps forecast (default: 20)")
+    a("--samples", type=int, default=1, help="samples per system, combined by their median (default: 1)")
+    a("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0.0)")
     a("--systems", type=int, default=None, help="evaluate the first N systems of the split")
     a("--batch-size", type=int, default=128,
-      help="rows decoded together (prompts x samples); the text loss takes 16 windows at a time")
-    a("--decimals", type=int, default=2, help="for the base model (a run uses its own)")
+      help="rows decoded together (prompts x samples); the text loss takes 16 windows at a time (default: 128)")
+    a("--decimals", type=int, default=None, help="for the base model (default: the first --adapter run's, else 2; "
+                                                 "a run uses its own)")
     a("--loss", action="store_true", help="also report the teacher-forced loss and perplexity of the text")
-    a("--context-length", type=int, default=512, help="window length for --loss")
+    a("--context-length", type=int, default=512, help="window length for --loss (default: 512)")
     a("--json", default=None, help="write the results to this file")
     a("--plots", default=None, help="write plots to this folder (needs matplotlib)")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="seed of the sampled forecasts (default: 0)")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-      help="auto: bfloat16 on CUDA, float32 on MPS and CPU")
-    a("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-    a("--quantize", default=None, choices=["nf4"], help="store the base model's projections in 4-bit NF4 (QLoRA runs)")
-    a("--bootstrap", type=int, default=1000, help="resamples of the systems for the 95%% intervals")
-    a("--bootstrap-seed", type=int, default=0, help="seed of the resamples (the same draws for every entry)")
+      help="auto (the default): bfloat16 on CUDA, float32 on MPS and CPU")
+    a("--device", default="auto", help="auto (CUDA, then MPS, then CPU: the default), cpu, cuda, cuda:N or mps")
+    a("--quantize", default=None, choices=["nf4"], help="store the base model's projections in 4-bit NF4 (QLoRA runs; "
+                                                        "default: as the --adapter runs were trained)")
+    a("--bootstrap", type=int, default=1000, help="resamples of the systems for the 95%% intervals (default: 1000)")
+    a("--bootstrap-seed", type=int, default=0, help="seed of the resamples, the same draws for every entry (default: 0)")
     args = p.parse_args(argv)
     if args.bootstrap < 10:
         raise UserError("--bootstrap needs at least 10 resamples for a 95% interval (1000 is the default)")
@@ -366,6 +392,10 @@ def evaluation_values(args, runs: dict) -> tuple[np.ndarray, np.ndarray, dict, s
     traj = load_trajectories(data_args["data"], n=1000, seed=data_args["data_seed"])
     dataset = traj.values[: data_args["systems"]] if data_args["systems"] else traj.values
     split = split_indices(len(dataset), seed=data_args["data_seed"])
+    if args.systems is not None and args.systems > len(split[args.split]):
+        sizes = " / ".join(f"{len(split[k])} {k}" for k in ("train", "val", "test"))
+        print(f"note: the {args.split} split has {len(split[args.split])} systems, not the {args.systems} asked for "
+              f"({len(dataset)} systems split {sizes}); evaluating {len(split[args.split])}", file=sys.stderr)
     return dataset[split[args.split]][: args.systems], dataset, split, traj.source
 
 
@@ -409,6 +439,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = parse_device(args.device)
     runs = {adapter: run_settings(adapter) for adapter in args.adapter}
+    args.model, args.quantize = base_for(args.adapter, args.model, args.quantize)  # the runs' own by default
+    if args.decimals is None:
+        args.decimals = next((int(cfg["args"]["decimals"]) for _, cfg in runs.values() if cfg is not None), 2)
     values, dataset, split, source = evaluation_values(args, runs)
     base_model, tok = load_pretrained(args.model, dtype=weights_dtype(args.dtype, device), device=device, quantize=args.quantize)
     variants = load_variants(args, runs, base_model, Scaler.fit(dataset[split["train"]]))

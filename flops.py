@@ -51,6 +51,10 @@ H query heads, K key/value heads, hd head dim, I intermediate, V vocabulary, r L
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: Ctrl-C during start-up is one line (startup.py)
+    import startup
+    startup.quiet_ctrl_c()
+
 import argparse
 import json
 from dataclasses import dataclass, field
@@ -536,7 +540,7 @@ def print_check(args) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="hub id, checkpoint folder or 'tiny' (config only)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)

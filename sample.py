@@ -13,6 +13,10 @@ over, `/exit` or end of input ends it.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: Ctrl-C during start-up is one line (startup.py)
+    import startup
+    startup.quiet_ctrl_c()
+
 import argparse
 import sys
 import time
@@ -21,28 +25,34 @@ import torch
 
 from common import UserError, parse_device, run_cli, weights_dtype
 from model import DEFAULT_MODEL, generate, load_pretrained
+from runs import base_for
 
 DEFAULT_PROMPT = "0.25,1.50;0.27,1.47;0.31,1.42;"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, checkpoint folder, or 'tiny'")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--model", default=None, help="hub id, checkpoint folder, or 'tiny' (default: the model the "
+                                                 f"--adapter run was trained on, else {DEFAULT_MODEL})")
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT format), or a training run folder (its newest checkpoint), to apply first")
     p.add_argument("--prompt", default=None, help=f"text to continue (default: {DEFAULT_PROMPT}); with --chat, "
                    "one user message (default: an interactive conversation on standard input)")
     p.add_argument("--chat", action="store_true", help="talk to the model in its chat format")
     p.add_argument("--system", default=None, help="--chat: a system message (default: the checkpoint's own)")
-    p.add_argument("--context-length", type=int, default=2048, help="--chat: tokens of history + answer kept")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--context-length", type=int, default=2048,
+                   help="--chat: tokens of history + answer kept (default: 2048)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per answer (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample from the smallest set of tokens whose probabilities reach p (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on CUDA, float32 on MPS and CPU")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-    p.add_argument("--quantize", default=None, choices=["nf4"], help="store the projections in 4-bit NF4")
+                   help="auto (the default): bfloat16 on CUDA, float32 on MPS and CPU")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU: the default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--quantize", default=None, choices=["nf4"],
+                   help="store the projections in 4-bit NF4 (default: as the --adapter run was trained)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
@@ -61,6 +71,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.model, args.quantize = base_for([args.adapter] if args.adapter else [], args.model, args.quantize)
     device = parse_device(args.device)
     torch.manual_seed(args.seed)
     model, tok = load_pretrained(args.model, dtype=weights_dtype(args.dtype, device), device=device, quantize=args.quantize)

@@ -27,6 +27,10 @@ selected (docs/study.md).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: Ctrl-C during start-up is one line (startup.py)
+    import startup
+    startup.quiet_ctrl_c()
+
 import argparse
 import itertools
 import json
@@ -48,34 +52,42 @@ def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False, epilog="Flags after -- go to every training run, as train.py "
+                                "flags (python train.py --help): e.g. -- --batch-size 2 --decimals 3.")
     a = p.add_argument
-    a("--model", default=train.DEFAULTS["model"], help="hub id, checkpoint folder or 'tiny'")
+    a("--model", default=train.DEFAULTS["model"],
+      help=f"hub id, checkpoint folder or 'tiny' (default: {train.DEFAULTS['model']})")
     a("--data", default=None, help="HDF5 file in the coursework layout (default: the built-in simulator)")
-    a("--out", default="runs/study")
+    a("--out", default="runs/study", help="the study's folder: ledger, results, one train.py run folder per run "
+                                          "(default: runs/study)")
     a("--grid", action="append", default=None, metavar="FLAG=V1,V2",
       help="a train.py flag and its values (repeatable; default: lr=1e-5,5e-5,1e-4 and rank=2,4,8)")
-    a("--grid-steps", type=int, default=500)
-    a("--context-lengths", default="128,512,768")
-    a("--context-length-steps", type=int, default=500)
-    a("--final-steps", type=int, default=2000)
+    a("--grid-steps", type=int, default=500, help="training steps of each grid run; 0 skips the grid (default: 500)")
+    a("--context-lengths", default="128,512,768",
+      help="context lengths tried with the best grid setting (default: 128,512,768)")
+    a("--context-length-steps", type=int, default=500,
+      help="training steps of each context-length run; 0 skips them (default: 500)")
+    a("--final-steps", type=int, default=2000, help="training steps of the final run; 0 skips it (default: 2000)")
     a("--select", default="val_mae", choices=["val_mae", "val_mase", "val_loss"],
-      help="how the best run is chosen: validation MAE, scaled error (MASE) or loss")
+      help="what picks the best run: validation forecast MAE, scaled error (MASE) or loss (default: val_mae)")
     a("--eval-systems", type=int, default=None,
       help="validation (and test) systems forecast per evaluation (default: the whole split)")
-    a("--eval-context-steps", type=int, default=50)
-    a("--horizon", type=int, default=20)
-    a("--samples", type=int, default=1)
-    a("--temperature", type=float, default=0.0)
+    a("--eval-context-steps", type=int, default=50, help="timesteps in each forecast prompt (default: 50)")
+    a("--horizon", type=int, default=20, help="timesteps forecast (default: 20)")
+    a("--samples", type=int, default=1, help="samples per forecast, combined by their median (default: 1)")
+    a("--temperature", type=float, default=0.0, help="sampling temperature of the forecasts; 0 is greedy (default: 0.0)")
     a("--val-samples", type=int, default=None,
       help="samples per validation forecast (default: --samples); 1 forecasts the validation split greedily, "
            "a cheaper way to choose runs when the test forecasts take the median of many samples")
-    a("--eval-batch-size", type=int, default=128, help="forecast rows decoded together (systems x samples)")
-    a("--budget", type=float, default=1e17, help="FLOPs (coursework accounting) for the whole study")
+    a("--eval-batch-size", type=int, default=128, help="forecast rows decoded together (systems x samples) (default: 128)")
+    a("--budget", type=float, default=1e17, help="FLOPs (coursework accounting) for the whole study (default: 1e17)")
     a("--dry-run", action="store_true", help="print the plan and stop")
-    a("--bootstrap", type=int, default=1000, help="resamples of the systems for the 95%% intervals")
-    a("--bootstrap-seed", type=int, default=0)
+    a("--bootstrap", type=int, default=1000, help="resamples of the systems for the 95%% intervals (default: 1000)")
+    a("--bootstrap-seed", type=int, default=0, help="seed of the resamples (default: 0)")
+    p.usage = p.format_usage().removeprefix("usage: ").rstrip() + " [-- TRAIN.PY FLAGS ...]"
     args = p.parse_args(argv)
+    check_passthrough(passthrough)
     args.passthrough = passthrough
     args.grid = [parse_grid_flag(g) for g in (args.grid or ["lr=1e-5,5e-5,1e-4", "rank=2,4,8"])]
     args.context_lengths = parse_context_lengths(args.context_lengths)
@@ -92,6 +104,30 @@ def parse_args(argv=None):
         raise UserError("study.py is the forecasting study (its test phase scores forecasts); train on chat data "
                         "with python train.py --data FILE.jsonl")
     return args
+
+
+def check_passthrough(flags: list[str]) -> None:
+    """The flags after `--` are train.py's: checked by its parser now, in one line, rather than when
+    the first run starts (under study.py's name, with train.py's usage); a study.py flag put there by
+    mistake is named as one."""
+    parser = train.build_parser()
+
+    def refuse(message):
+        raise UserError(f"after --: {message} (the flags after -- are train.py's: python train.py --help)")
+
+    parser.error = refuse
+    _, unknown = parser.parse_known_args(flags)
+    own = [f for f in unknown if f.split("=")[0] in STUDY_FLAGS]
+    if own:
+        refuse(f"{' '.join(own)} {'is a study.py flag' if len(own) == 1 else 'are study.py flags'}: put "
+               f"{'it' if len(own) == 1 else 'them'} before --")
+    if unknown:
+        refuse(f"unrecognized arguments: {' '.join(unknown)}")
+
+
+STUDY_FLAGS = ("--grid", "--grid-steps", "--context-lengths", "--context-length-steps", "--final-steps", "--select",
+               "--eval-systems", "--eval-context-steps", "--horizon", "--samples", "--temperature", "--eval-batch-size",
+               "--budget", "--dry-run")
 
 
 def parse_grid_flag(text: str) -> tuple[str, list[str]]:

@@ -3,7 +3,7 @@
     python train.py --rank 8 --lr 1e-4                 # Qwen2.5-0.5B-Instruct, simulated data, runs/lv
     python train.py --model tiny --steps 50 --out runs/tiny      # the whole loop offline, in seconds
     python train.py --resume runs/lv --steps 2000      # continue a run to 2,000 steps in total
-    python train.py --data chats.jsonl --targets all --pack --eval-prompts prompts.txt --out runs/chat
+    python train.py --data examples/chats.jsonl --targets all --pack --eval-prompts examples/prompts.txt --out runs/chat
 
 `--data` picks the kind: an HDF5 file (or nothing: the simulator) is forecasting text (data/windows.py),
 a .jsonl file is chat or instruction data (data/chat.py). Both hand this loop the same thing, token
@@ -28,6 +28,10 @@ where the uninterrupted run would have.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: Ctrl-C during start-up is one line (startup.py)
+    import startup
+    startup.quiet_ctrl_c()
+
 import argparse
 import contextlib
 import json
@@ -47,6 +51,7 @@ import lora
 from checkpoints import latest_checkpoint, remove_partial, rewind_log, write_checkpoint
 from common import (UserError, deferred_interrupts, parse_device, read_json, reuse_freed_memory, run_cli,
                     sigterm_as_interrupt, weights_dtype, write_json)
+from common import ReportedInterrupt, format_perplexity
 import eval_prompts
 from data import TrainingData, forecasting_data, load_trajectories
 from data.chat import chat_data
@@ -106,17 +111,32 @@ FLAGS = (  # (flag, default, help, argparse keywords). Every flag parses to None
     ("--init", "kaiming", "how A, B start: kaiming, gaussian, pissa, pissa_niter_K or olora (lora/init.py)", {}),
     ("--rslora", False, "rsLoRA: scaling alpha / sqrt(rank) instead of alpha / rank", ON_OFF),
 )
+# --help shows the flags in these groups, so the eye finds them; every flag of FLAGS (and --resume) is in
+# exactly one (tests/test_first_hour.py): a new flag fails that test until it is given a group here.
+FLAG_GROUPS = {
+    "model and data": ("--model", "--quantize", "--data", "--val-data", "--val-fraction", "--train-on", "--pack",
+                       "--systems", "--data-seed", "--context-length", "--stride", "--decimals"),
+    "LoRA": ("--rank", "--alpha", "--targets", "--dropout", "--dora", "--init", "--rslora"),
+    "optimizer": ("--lr", "--loraplus-ratio", "--weight-decay", "--betas", "--eps", "--clip", "--seed"),
+    "schedule and budget": ("--steps", "--warmup", "--schedule", "--batch-size", "--grad-accum", "--max-flops"),
+    "evaluation": ("--eval-every", "--eval-batches", "--eval-prompts", "--eval-max-tokens"),
+    "checkpoints": ("--out", "--save-every", "--resume"),
+    "performance": ("--dtype", "--device", "--grad-checkpoint", "--compile", "--loss-chunk"),
+}
 DEFAULTS = {flag[2:].replace("-", "_"): default for flag, default, _, _ in FLAGS}
 # What may change between the sessions of one run; everything else would silently change the run.
 RESUMABLE = ("steps", "max_flops", "eval_every", "save_every", "device", "grad_checkpoint", "compile")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # --step is not --steps
+    groups = {title: p.add_argument_group(title) for title in FLAG_GROUPS}
+    group_of = {flag: groups[title] for title, flags in FLAG_GROUPS.items() for flag in flags}
     for flag, default, help, kw in FLAGS:
         shown = "" if default is None or "default" in help or kw is ON_OFF else f" (default: {default})"
-        p.add_argument(flag, default=None, help=help + shown, **kw)
-    p.add_argument("--resume", default=None, metavar="OUT",
+        group_of.get(flag, p).add_argument(flag, default=None, help=help + shown, **kw)
+    group_of.get("--resume", p).add_argument("--resume", default=None, metavar="OUT",
                    help=f"continue the run in this folder; only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} "
                         f"may be given again with new values")
     return p
@@ -152,6 +172,9 @@ def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
 def read_run_config(out: Path) -> dict:
     if not out.is_dir():
         raise UserError(f"no run to resume: {out} does not exist")
+    if not (out / "config.json").is_file() and out.name.startswith("checkpoint-") and (out.parent / "config.json").is_file():
+        raise UserError(f"{out} is a checkpoint of the run {out.parent}; resume the run: --resume {out.parent} "
+                        f"(it continues from its newest checkpoint)")
     saved = read_json(out / "config.json", what="run config (config.json)")
     if not (isinstance(saved, dict) and isinstance(saved.get("args"), dict)
             and (isinstance(saved.get("scaler"), dict) and "alpha" in saved["scaler"] or isinstance(saved.get("chat"), dict))):
@@ -544,7 +567,8 @@ def validate(run: Run) -> None:
                            "flops": state.flops, "flops_hardware": state.flops_hardware})
     run.last["val_loss"] = val
     if run.group.is_main:
-        tqdm.write(f"step {state.step}: val loss {val:.4f}, perplexity {math.exp(min(val, 700)):.3f}", file=sys.stderr)
+        tqdm.write(f"step {state.step}: val loss {val:.4f}, perplexity {format_perplexity(math.exp(min(val, 700)))}",
+                   file=sys.stderr)
 
 
 def sample_eval_prompts(run: Run, column: str) -> None:
@@ -655,6 +679,7 @@ def train_process(argv) -> dict:
                 if run.group.is_main:
                     print(f"\ninterrupted after step {run.state.step}: {saved}; continue with "
                           f"python train.py --resume {run.out}", file=sys.stderr)
+                    raise ReportedInterrupt from None  # run_cli adds no second "interrupted"
                 raise
         return finish(run, stopped)
     finally:

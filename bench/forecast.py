@@ -46,7 +46,7 @@ QWEN_FILES = ROOT.parent / "shared" / "qwen2.5-0.5b-instruct"
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     a = p.add_argument
     a("--systems", type=int, default=16)
     a("--samples", type=int, default=20)

@@ -135,7 +135,8 @@ def check(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("step", choices=["write", "check"])
     p.add_argument("out", type=Path)
     p.add_argument("--smollm2", default=None, help="a SmolLM2 checkpoint folder to export and compare too")

@@ -76,7 +76,7 @@ def measure(name: str, ckpt: Path) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--no-reference", action="store_true")

@@ -37,7 +37,7 @@ def side(cmd_prefix: list[str], threads: int, train_args: list[str], out: Path) 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--model", default=str(Path("~/.cache/smollm2-135m-instruct").expanduser()))
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=4)

@@ -145,7 +145,7 @@ def worker(side: str, conn, dtype_name: str, device_name: str, batch: int, seq: 
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)

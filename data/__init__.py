@@ -1,6 +1,13 @@
 """Training data: Lotka–Volterra trajectories as LLMTIME text (lotka_volterra.py, llmtime.py, windows.py) and
 conversations from JSONL (chat.py). Both become `TrainingData` (windows.py)."""
 
+import sys
+
+if sys.argv[:1] == ["-m"]:  # `python -m data.…` is starting (argv[0] is "-m" until the module is found):
+    import startup          # Ctrl-C while torch loads is one line (startup.py)
+
+    startup.quiet_ctrl_c()
+
 from .llmtime import Decoded, Scaler, decode, encode
 from .lotka_volterra import Trajectories, load_h5, load_trajectories, save_h5, simulate, split_indices
 from .windows import (ForecastTask, TokenWindows, TrainingData, forecast_task, forecasting_data, make_windows,

@@ -49,8 +49,8 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                conversations.append(row_messages(json.loads(line)))
+            try:  # without its newline: an error at the end of the line is not at "line 2, column 1"
+                conversations.append(row_messages(json.loads(line.rstrip("\r\n"))))
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
             except ValueError as e:

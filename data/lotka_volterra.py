@@ -160,7 +160,7 @@ def split_indices(n: int, seed: int = 0, fractions=(0.8, 0.1, 0.1)) -> dict[str,
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Simulate Lotka–Volterra systems and write the coursework's HDF5 format.")
+    p = argparse.ArgumentParser(description="Simulate Lotka–Volterra systems and write the coursework's HDF5 format.", allow_abbrev=False)
     p.add_argument("--out", required=True, help="where to write the .h5 file")
     p.add_argument("--n", type=int, default=1000, help="number of systems")
     p.add_argument("--seed", type=int, default=0)

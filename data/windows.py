@@ -102,7 +102,8 @@ def forecasting_data(tok, trajectories, systems: int | None, seed: int, context_
             "split_sizes": {k: int(len(v)) for k, v in split.items()}, "stride": stride,
             "train_windows": len(windows["train"]), "val_windows": len(windows["val"]), "tokens_per_step": step_tokens}
     summary = (f"data: {trajectories.source}, {info['split_sizes']['train']} train / {info['split_sizes']['val']} val "
-               f"systems, {info['train_windows']} training windows of {context_length} tokens; scaling alpha {scaler.alpha:.4g}")
+               f"/ {info['split_sizes']['test']} test systems, {info['train_windows']} training windows of {context_length} "
+               f"tokens; scaling alpha {scaler.alpha:.4g}")
     return TrainingData(windows["train"], windows["val"], {"scaler": scaler.to_dict()}, info, summary)
 
 

@@ -33,7 +33,7 @@ def dialogue_messages(dialogue: dict) -> list[dict]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--dialogues", type=int, default=400, help="how many dialogues to write")
     p.add_argument("--max-turns", type=int, default=12, help="keep the first N turns of each dialogue")
     p.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,13 @@
 """Hand-rolled LoRA. Read layer.py (the adapter), inject.py (applying and merging), peft_format.py (files),
 then the variants: dora.py (DoRA), init.py (PiSSA/OLoRA starts), loraplus.py (LoRA+ learning rates)."""
 
+import sys
+
+if sys.argv[:1] == ["-m"]:  # `python -m lora.…` is starting (argv[0] is "-m" until the module is found):
+    import startup          # Ctrl-C while torch loads is one line (startup.py)
+
+    startup.quiet_ctrl_c()
+
 from .dora import DoRALinear
 from .init import check_init
 from .inject import (ALL_TARGETS, apply_lora, lora_modules, lora_parameters, merge, merge_and_export, parse_targets,

@@ -72,11 +72,18 @@ def apply_lora(model: Transformer, rank: int = 8, alpha: float = 16, targets=("q
     model.lora_config = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets),
                          "use_rslora": use_rslora, "use_dora": dora, "init_lora_weights": init}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = parameter_count(model)
     if verbose:
         print(f"{'DoRA' if dora else 'LoRA'} r={rank} alpha={alpha} on {','.join(targets)}: {trainable:,} trainable parameters "
               f"of {total:,} ({100 * trainable / total:.3f}%)")
     return trainable
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Every weight of the model, trainable or not: the parameters, plus the weights NF4 stores as
+    packed buffers (one number each, out x in), so a quantized model counts as many as the original."""
+    nf4 = sum(m.shape[0] * m.shape[1] for m in model.modules() if isinstance(m, NF4Weight))
+    return sum(p.numel() for p in model.parameters()) + nf4
 
 
 def merge(model: nn.Module) -> None:

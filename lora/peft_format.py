@@ -127,7 +127,9 @@ def load_adapter(model, path: str | os.PathLike, verbose: bool = False) -> None:
         raise UserError(f"the adapter at {path} does not fit this model: it has {len(unexpected)} tensor(s) the "
                         f"model lacks, e.g. {unexpected[0]} (made for another model or other target modules?)")
     if missing:
-        raise UserError(f"the adapter at {path} lacks {len(missing)} tensor(s), e.g. {missing[0]} (incomplete adapter?)")
+        raise UserError(f"the adapter at {path} does not fit this model: it lacks {len(missing)} tensor(s) the model "
+                        f"has, e.g. {missing[0]} (made for another model or other targets{layer_note(tensors, params)}, "
+                        f"or incomplete)")
     for name, p in params.items():
         if tuple(tensors[name].shape) != tuple(p.shape):
             raise UserError(f"the adapter at {path} was made for another model or rank: {name} has shape "
@@ -149,6 +151,15 @@ def init_name(cfg: dict, path) -> str:
 
 def base_change(init: str) -> str:
     return init if moves_base(init) else "none"
+
+
+def layer_note(tensors: dict, params: dict) -> str:
+    """': it covers 2 layer(s), this model has 24' when the layer counts differ, else ''."""
+    def layers(names):
+        return len({int(n.split(".layers.")[1].split(".")[0]) for n in names if ".layers." in n})
+
+    have, need = layers(tensors), layers(params)
+    return f": it covers {have} layer(s), this model has {need}" if have != need else ""
 
 
 def check_same_setup(have: dict, cfg: dict, path) -> None:
