@@ -44,6 +44,7 @@ from tqdm import tqdm
 import distributed
 import flops
 import lora
+import precision
 from checkpoints import latest_checkpoint, remove_partial, rewind_log, write_checkpoint
 from common import (UserError, deferred_interrupts, parse_device, read_json, reuse_freed_memory, run_cli,
                     sigterm_as_interrupt, weights_dtype, write_json)
@@ -93,7 +94,8 @@ FLAGS = (  # (flag, default, help, argparse keywords). Every flag parses to None
     ("--seed", 0, "seed of the LoRA initialisation, dropout and batch order", {"type": int}),
     ("--out", "runs/lv", "run folder", {}),
     ("--max-flops", 1e17, "FLOP budget (coursework accounting)", {"type": float}),
-    ("--dtype", "auto", "storage of the frozen weights; auto: float32 on CPU, bfloat16 (+ autocast) on CUDA",
+    ("--dtype", "auto", "storage of the frozen weights; auto: bfloat16 (+ autocast) on CUDA, on CPU the faster of "
+     "float32 and bfloat16 as measured here (precision.py), kept on --resume",
      {"choices": ["auto", "float32", "bfloat16"]}),
     ("--device", "auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps", {}),
     ("--grad-checkpoint", False, "recompute activations in the backward pass", ON_OFF),
@@ -398,7 +400,8 @@ def setup(args, saved: dict | None) -> Run:
                         f"processes; use a multiple of {group.world}")
     if args.compile:
         check_compiler(device)
-    dtype = weights_dtype(args.dtype, device)
+    # auto: what the run recorded on --resume, else measured (precision.py); config.json records it
+    dtype = precision.recorded(saved, device) if args.dtype == "auto" and saved else weights_dtype(args.dtype, device, args.model)
     use_autocast = device.type == "cuda" and dtype == torch.bfloat16
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
 
@@ -431,7 +434,7 @@ def setup(args, saved: dict | None) -> Run:
 
     if group.is_main:
         start_run_folder(out, state, {
-            "args": vars(args), **data.identity, "data": data.info, "lora": model.lora_config, "processes": group.world,
+            "args": vars(args), "weights_dtype": str(dtype).removeprefix("torch."), **data.identity, "data": data.info, "lora": model.lora_config, "processes": group.world,
             "model_source": getattr(model, "source", args.model), "tokenizer_vocab": tok.vocab_size, "flops": costs})
         print(data.summary, file=sys.stderr)
         print(f"FLOPs per step: {costs['train_step']:.3e} (coursework), {costs['train_step_hardware']:.3e} (hardware); budget "
