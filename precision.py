@@ -65,11 +65,12 @@ def measure_matmul_gflops(hidden: int, intermediate: int, rows: int = PROBE_ROWS
     alternating between the two, the best of each. A bf16 warm-up over `give_up` times fp32's ends the
     measurement there (an AVX2-only CPU can take a second for what fp32 does in 10 ms)."""
     g = torch.Generator().manual_seed(0)
-    shapes = [(rows, hidden, intermediate), (rows, intermediate, hidden)]  # up/gate, then down
-    flop = sum(2 * m * k * n for m, k, n in shapes)
+    w = torch.rand(intermediate, hidden, generator=g) - 0.5  # one weight serves both shapes (values do not matter)
+    x, y = torch.rand(rows, hidden, generator=g) - 0.5, torch.rand(rows, intermediate, generator=g) - 0.5
+    flop = 2 * (2 * rows * hidden * intermediate)
     dtypes = (torch.float32, torch.bfloat16)
-    pairs = {dt: [(torch.randn(m, k, generator=g).to(dt), torch.randn(k, n, generator=g).to(dt)) for m, k, n in shapes]
-             for dt in dtypes}
+    # up/gate: (rows, hidden) @ (hidden, intermediate), as F.linear runs it; down: (rows, intermediate) @ (intermediate, hidden)
+    pairs = {dt: [(x.to(dt), w.to(dt).t()), (y.to(dt), w.to(dt))] for dt in dtypes}
 
     def one_pass(dt) -> float:
         return sum(_seconds(a, b) for a, b in pairs[dt])
@@ -100,19 +101,20 @@ def cpu_choice(hidden: int, intermediate: int) -> Choice:
     import torch.distributed as dist
 
     pinned = os.environ.get(PIN_ENV)
-    if pinned:
-        if pinned not in ("float32", "bfloat16"):
-            raise UserError(f"{PIN_ENV}={pinned!r}: use float32 or bfloat16 (or unset it to measure)")
-        return Choice(getattr(torch, pinned), f"pinned by {PIN_ENV}={pinned}")
+    if pinned and pinned not in ("float32", "bfloat16"):
+        raise UserError(f"{PIN_ENV}={pinned!r}: use float32 or bfloat16 (or unset it to measure)")
     shared = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    choice = decide(measure_matmul_gflops(hidden, intermediate)) if not shared or dist.get_rank() == 0 else None
-    if shared:
-        box = [choice]
-        dist.broadcast_object_list(box, src=0)
-        choice = box[0]
+    if pinned:  # every process reads the same environment: nothing to share
+        choice = Choice(getattr(torch, pinned), f"pinned by {PIN_ENV}={pinned}")
+    else:
+        choice = decide(measure_matmul_gflops(hidden, intermediate)) if not shared or dist.get_rank() == 0 else None
+        if shared:
+            box = [choice]
+            dist.broadcast_object_list(box, src=0)
+            choice = box[0]
     if os.environ.get("RANK", "0") == "0":  # under torchrun one process speaks
-        print(f"--dtype auto: {choice.name} ({choice.reason}; pin it with --dtype float32 or --dtype bfloat16)",
-              file=sys.stderr)
+        how = "" if pinned else "; pin it with --dtype float32 or --dtype bfloat16"
+        print(f"--dtype auto: {choice.name} ({choice.reason}{how})", file=sys.stderr)
     return choice
 
 
@@ -165,9 +167,12 @@ def for_runs(flag: str, device: torch.device, model, run_configs: list[dict]) ->
     if flag != "auto" or not run_configs:
         return resolve(flag, device, model)
     dtypes = [recorded(cfg, device) for cfg in run_configs]
-    if any(d != dtypes[0] for d in dtypes[1:]):
-        print(f"note: the runs were trained on frozen weights of different dtypes; using the first's, "
-              f"{str(dtypes[0]).removeprefix('torch.')} (pass --dtype to choose)", file=sys.stderr)
+    name = str(dtypes[0]).removeprefix("torch.")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"--dtype auto: {name}, the frozen weights' dtype the run was trained with (its config.json)", file=sys.stderr)
+        if any(d != dtypes[0] for d in dtypes[1:]):
+            print(f"note: the runs were trained on frozen weights of different dtypes; using the first's, {name} "
+                  f"(pass --dtype to choose)", file=sys.stderr)
     return dtypes[0]
 
 

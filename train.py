@@ -44,7 +44,6 @@ from tqdm import tqdm
 import distributed
 import flops
 import lora
-import precision
 from checkpoints import latest_checkpoint, remove_partial, rewind_log, write_checkpoint
 from common import (UserError, deferred_interrupts, parse_device, read_json, reuse_freed_memory, run_cli,
                     sigterm_as_interrupt, weights_dtype, write_json)
@@ -401,7 +400,7 @@ def setup(args, saved: dict | None) -> Run:
     if args.compile:
         check_compiler(device)
     # auto: what the run recorded on --resume, else measured (precision.py); config.json records it
-    dtype = precision.recorded(saved, device) if args.dtype == "auto" and saved else weights_dtype(args.dtype, device, args.model)
+    dtype = weights_dtype(args.dtype, device, args.model, [saved] if saved else [])
     use_autocast = device.type == "cuda" and dtype == torch.bfloat16
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
 
@@ -434,7 +433,8 @@ def setup(args, saved: dict | None) -> Run:
 
     if group.is_main:
         start_run_folder(out, state, {
-            "args": vars(args), "weights_dtype": str(dtype).removeprefix("torch."), **data.identity, "data": data.info, "lora": model.lora_config, "processes": group.world,
+            "args": vars(args), **data.identity, "data": data.info, "lora": model.lora_config, "processes": group.world,
+            "weights_dtype": str(dtype).removeprefix("torch."),  # what --dtype auto chose: --resume and eval.py keep it
             "model_source": getattr(model, "source", args.model), "tokenizer_vocab": tok.vocab_size, "flops": costs})
         print(data.summary, file=sys.stderr)
         print(f"FLOPs per step: {costs['train_step']:.3e} (coursework), {costs['train_step_hardware']:.3e} (hardware); budget "

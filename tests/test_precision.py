@@ -149,3 +149,19 @@ def test_runs_that_disagree_take_the_first_and_say_so(measured, capsys):
     assert common.weights_dtype("auto", CPU, "tiny", runs) == torch.float32
     assert "different dtypes" in capsys.readouterr().err
     assert common.weights_dtype("bfloat16", CPU, "tiny", runs) == torch.bfloat16
+
+
+def test_under_torchrun_every_process_takes_rank_0s_choice(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    answers = ctx.Queue()
+    from tests.precision_worker import choice_in_process
+
+    procs = [ctx.Process(target=choice_in_process, args=(rank, str(tmp_path / "store"), answers)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert sorted(answers.get(timeout=5) for _ in procs) == [(0, "bfloat16"), (1, "bfloat16")]
