@@ -83,11 +83,13 @@ class Context:
         return tiny_config() if self.args.model == "tiny" else ModelConfig(**qwen_shape(self.args.layers), head_dim=64)
 
     def build(self, dtype: torch.dtype, device: torch.device | None = None):
-        """A fresh model of --model's shape, the same random weights every time, in `dtype` on `device`."""
+        """A fresh model of --model's shape, the same random weights every time, in `dtype` on `device`
+        (a copy of one fp32 CPU model, built once: Qwen2.5-0.5B's random weights take seconds to draw)."""
         from model.tiny import tiny_model
 
-        model = tiny_model() if self.args.model == "tiny" else random_qwen(scale=0.05, layers=self.args.layers)
-        return model.to(dtype=dtype, device=device or self.device)
+        if "base" not in self.extra:
+            self.extra["base"] = tiny_model() if self.args.model == "tiny" else random_qwen(scale=0.05, layers=self.args.layers)
+        return copy.deepcopy(self.extra["base"]).to(dtype=dtype, device=device or self.device)
 
     def ids(self, batch: int, seq: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(0)
