@@ -80,8 +80,7 @@ def plain_step(logits_of, ids: torch.Tensor, params: list, opt, autocast=context
 
 
 def worker(side: str, conn, dtype_name: str, device_name: str, batch: int, seq: int, threads: int | None,
-           reuse_memory: bool, grad_checkpoint: bool, compile_blocks: bool, plain: bool = False,
-           layers: int | None = None):
+           reuse_memory: bool, grad_checkpoint: bool, compile_blocks: bool, plain: bool = False, layers=None):
     if threads:
         torch.set_num_threads(threads)
     if (side != "reference" or plain) and reuse_memory:
