@@ -189,10 +189,16 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def weights_dtype(name: str, device: torch.device) -> torch.dtype:
-    """--dtype auto: bf16 on CUDA (train.py adds autocast), fp32 on MPS and the CPU. bf16 halves the
-    memory everywhere, but a CPU without bf16 matmul units runs it slower than fp32 (README, Performance)."""
-    return parse_dtype(name) if name != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+def weights_dtype(name: str, device: torch.device, model=None, runs: list[dict] = ()) -> torch.dtype:
+    """--dtype as the frozen weights' dtype. auto: bf16 on CUDA (train.py adds autocast), fp32 on MPS, and
+    on the CPU whichever of the two runs `model`'s matmuls faster here, measured once per process
+    (precision.py says how and why; a CPU without bf16 matmul units runs bf16 slower than fp32). With
+    `runs` (training runs' config.json whose adapters go on this model), auto is what they trained on."""
+    if name != "auto":
+        return parse_dtype(name)
+    import precision
+
+    return precision.for_runs(name, device, model, list(runs))
 
 
 def parse_device(name: str | None) -> torch.device:

@@ -358,7 +358,8 @@ def parse_args(argv=None):
     a("--plots", default=None, help="write plots to this folder (needs matplotlib)")
     a("--seed", type=int, default=0, help="seed of the sampled forecasts (default: 0)")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-      help="auto (the default): bfloat16 on CUDA, float32 on MPS and CPU")
+      help="auto (the default): what the --adapter runs trained on; without one, bfloat16 on CUDA, float32 on MPS, "
+           "on CPU the faster of float32 and bfloat16 as measured here (precision.py)")
     a("--device", default="auto", help="auto (CUDA, then MPS, then CPU: the default), cpu, cuda, cuda:N or mps")
     a("--quantize", default=None, choices=["nf4"], help="store the base model's projections in 4-bit NF4 (QLoRA runs; "
                                                         "default: as the --adapter runs were trained)")
@@ -443,7 +444,8 @@ def main(argv=None) -> dict:
     if args.decimals is None:
         args.decimals = next((int(cfg["args"]["decimals"]) for _, cfg in runs.values() if cfg is not None), 2)
     values, dataset, split, source = evaluation_values(args, runs)
-    base_model, tok = load_pretrained(args.model, dtype=weights_dtype(args.dtype, device), device=device, quantize=args.quantize)
+    dtype = weights_dtype(args.dtype, device, args.model, [cfg for _, cfg in runs.values() if cfg is not None])
+    base_model, tok = load_pretrained(args.model, dtype=dtype, device=device, quantize=args.quantize)
     variants = load_variants(args, runs, base_model, Scaler.fit(dataset[split["train"]]))
 
     results, forecasts, task = {}, {}, None

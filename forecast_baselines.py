@@ -176,9 +176,12 @@ def rate_guess(context: np.ndarray) -> np.ndarray:
         b = (u_c * d_c).sum(1) / np.maximum((u_c**2).sum(1), 1e-12)
         return d.mean(1) - b * u.mean(1), b
 
+    if context.shape[1] < 3:  # no central difference to fit: a flat start, left to the fit
+        return np.full((len(context), 4), 1e-3)
     alpha, minus_beta = line(y, dx)
     minus_gamma, delta = line(x, dy)
-    return np.maximum(np.stack([alpha, -minus_beta, -minus_gamma, delta], axis=1), 1e-3)
+    guess = np.stack([alpha, -minus_beta, -minus_gamma, delta], axis=1)  # (N, 4)
+    return np.maximum(np.where(np.isfinite(guess), guess, 1e-3), 1e-3)
 
 
 def residuals(theta: np.ndarray, observed: np.ndarray, scale: np.ndarray, substeps: int) -> np.ndarray:
@@ -213,7 +216,7 @@ def fit_lotka_volterra(context: np.ndarray, starts: int = 4, iterations: int = 4
         JtJ = np.einsum("rki,rkj->rij", J, J)  # (R, 6, 6)
         Jtr = np.einsum("rki,rk->ri", J, r)  # (R, 6)
         lhs = JtJ + damping[:, None, None] * (np.eye(6) * JtJ) + 1e-12 * np.eye(6)
-        step = -np.linalg.solve(np.nan_to_num(lhs), np.nan_to_num(Jtr)[..., None])[..., 0]  # (R, 6)
+        step = -damped_solve(np.nan_to_num(lhs), np.nan_to_num(Jtr))  # (R, 6)
         trial = np.clip(theta + step, -12.0, 4.0)
         r_trial = residuals(trial, observed, scale, substeps)
         better = finite_cost(r_trial) < cost
@@ -221,6 +224,15 @@ def fit_lotka_volterra(context: np.ndarray, starts: int = 4, iterations: int = 4
         damping = np.where(better, damping / 3, damping * 4)
     best = cost.reshape(N, starts).argmin(axis=1) + np.arange(N) * starts  # (N,) rows of the best starts
     return np.exp(theta[best, :4]), np.exp(theta[best, 4:]), cost[best]
+
+
+def damped_solve(lhs: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """(R, 6, 6), (R, 6) -> (R, 6): lhs^-1 rhs per row; the pseudo-inverse where a row is singular (a
+    context too short or too flat to say anything about some parameter: that parameter stays put)."""
+    try:
+        return np.linalg.solve(lhs, rhs[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        return np.einsum("rij,rj->ri", np.linalg.pinv(lhs), rhs)
 
 
 def finite_cost(r: np.ndarray) -> np.ndarray:

@@ -49,7 +49,8 @@ def parse_args(argv=None):
                    help="sample from the smallest set of tokens whose probabilities reach p (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto (the default): bfloat16 on CUDA, float32 on MPS and CPU")
+                   help="auto (the default): what the --adapter run trained on; without one, bfloat16 on CUDA, float32 on MPS, "
+                        "on CPU the faster of float32 and bfloat16 as measured here (precision.py)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU: the default), cpu, cuda, cuda:N or mps")
     p.add_argument("--quantize", default=None, choices=["nf4"],
                    help="store the projections in 4-bit NF4 (default: as the --adapter run was trained)")
@@ -74,7 +75,11 @@ def main(argv=None):
     args.model, args.quantize = base_for([args.adapter] if args.adapter else [], args.model, args.quantize)
     device = parse_device(args.device)
     torch.manual_seed(args.seed)
-    model, tok = load_pretrained(args.model, dtype=weights_dtype(args.dtype, device), device=device, quantize=args.quantize)
+    import precision
+
+    run = precision.run_config_of(args.adapter) if args.adapter else None  # auto: the weights the adapter trained on
+    dtype = weights_dtype(args.dtype, device, args.model, [run] if run else [])
+    model, tok = load_pretrained(args.model, dtype=dtype, device=device, quantize=args.quantize)
     if args.adapter:
         from lora import load_adapter
 

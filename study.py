@@ -686,7 +686,7 @@ def run_study(args, plan, targs, group: distributed.Group, device) -> dict:
     check_settings(args, group)
     group.barrier()
     ledger = Ledger(out / "ledger.jsonl", group)
-    base, tok = load_pretrained(args.model, dtype=weights_dtype(targs.dtype, device), device=device,
+    base, tok = load_pretrained(args.model, dtype=weights_dtype(targs.dtype, device, args.model), device=device,
                                 quantize=targs.quantize)
     grid = run_phase(args, [(r, c) for r, c in plan if r["phase"] == "grid"], base, tok, ledger, group)
     best = best_of(args, grid) if grid else {"flags": {}, "name": "defaults"}

@@ -98,7 +98,8 @@ FLAGS = (  # (flag, default, help, argparse keywords). Every flag parses to None
     ("--seed", 0, "seed of the LoRA initialisation, dropout and batch order", {"type": int}),
     ("--out", "runs/lv", "run folder", {}),
     ("--max-flops", 1e17, "FLOP budget (coursework accounting)", {"type": float}),
-    ("--dtype", "auto", "storage of the frozen weights; auto: float32 on CPU, bfloat16 (+ autocast) on CUDA",
+    ("--dtype", "auto", "storage of the frozen weights; auto: bfloat16 (+ autocast) on CUDA, on CPU the faster of "
+     "float32 and bfloat16 as measured here (precision.py), kept on --resume",
      {"choices": ["auto", "float32", "bfloat16"]}),
     ("--device", "auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps", {}),
     ("--grad-checkpoint", False, "recompute activations in the backward pass", ON_OFF),
@@ -444,7 +445,8 @@ def setup(args, saved: dict | None) -> Run:
                         f"processes; use a multiple of {group.world}")
     if args.compile:
         check_compiler(device)
-    dtype = weights_dtype(args.dtype, device)
+    # auto: what the run recorded on --resume, else measured (precision.py); config.json records it
+    dtype = weights_dtype(args.dtype, device, args.model, [saved] if saved else [])
     use_autocast = device.type == "cuda" and dtype == torch.bfloat16
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
 
@@ -480,6 +482,7 @@ def setup(args, saved: dict | None) -> Run:
     if group.is_main:
         start_run_folder(out, state, {
             "args": vars(args), **data.identity, "data": data.info, "lora": model.lora_config, "processes": group.world,
+            "weights_dtype": str(dtype).removeprefix("torch."),  # what --dtype auto chose: --resume and eval.py keep it
             "model_source": getattr(model, "source", args.model), "tokenizer_vocab": tok.vocab_size, "flops": costs})
         print(data.summary, file=sys.stderr)
         print(f"FLOPs per step: {costs['train_step']:.3e} (coursework), {costs['train_step_hardware']:.3e} (hardware); budget "

@@ -23,14 +23,19 @@ QWEN_SHAPE = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, nu
                   max_position_embeddings=32768, tie_word_embeddings=True)  # Qwen2.5-0.5B's config.json
 
 
-def random_qwen(scale: float = 1.0):
+def qwen_shape(layers: int | None = None) -> dict:
+    """QWEN_SHAPE, with `layers` blocks instead of 24 if given (a quick check that a benchmark runs)."""
+    return {**QWEN_SHAPE, **({"num_hidden_layers": layers} if layers else {})}
+
+
+def random_qwen(scale: float = 1.0, layers: int | None = None):
     """Our model with Qwen2.5-0.5B's shape and random weights (times `scale`), fp32 on the CPU: the
     benchmarks need the real shape, not the real weights, which cannot be downloaded everywhere."""
     from model import ModelConfig, Transformer
     from model.tiny import init_random_weights
 
     with torch.device("meta"):
-        model = Transformer(ModelConfig(**QWEN_SHAPE, head_dim=64))
+        model = Transformer(ModelConfig(**qwen_shape(layers), head_dim=64))
     model = model.to_empty(device="cpu")
     model.tie_weights()
     init_random_weights(model)

@@ -28,17 +28,17 @@ import time
 import _util  # noqa: F401  (puts the repository on sys.path)
 import torch
 
-from _util import (QWEN_SHAPE, append_result, machine, matmul_peak, peak_memory, random_qwen,
-                   reset_peak_memory, summarize, sync)
+from _util import (append_result, machine, matmul_peak, peak_memory, qwen_shape, random_qwen, reset_peak_memory,
+                   summarize, sync)
 from common import parse_device
 
 
-def build_ours(dtype, device, quantize: bool = False):
+def build_ours(dtype, device, quantize: bool = False, layers: int | None = None):
     import lora
     from model.nf4 import quantize_projections
     from optim import AdamW
 
-    model = random_qwen(scale=0.05).to(dtype=dtype, device=device)  # 0.05: sane activations in 24 random layers
+    model = random_qwen(scale=0.05, layers=layers).to(dtype=dtype, device=device)  # 0.05: sane activations in 24 random layers
     if quantize:
         quantize_projections(model)  # as load_model(quantize="nf4") leaves it
     torch.manual_seed(0)
@@ -47,11 +47,11 @@ def build_ours(dtype, device, quantize: bool = False):
     return model, AdamW(lora.lora_parameters(model), lr=1e-4)
 
 
-def build_reference(dtype, device):
+def build_reference(dtype, device, layers: int | None = None):
     import peft
     import transformers
 
-    config = transformers.Qwen2Config(**QWEN_SHAPE)
+    config = transformers.Qwen2Config(**qwen_shape(layers))
     model = transformers.Qwen2ForCausalLM(config).to(dtype=dtype, device=device)
     model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                                        task_type="CAUSAL_LM"))
@@ -80,7 +80,7 @@ def plain_step(logits_of, ids: torch.Tensor, params: list, opt, autocast=context
 
 
 def worker(side: str, conn, dtype_name: str, device_name: str, batch: int, seq: int, threads: int | None,
-           reuse_memory: bool, grad_checkpoint: bool, compile_blocks: bool, plain: bool = False):
+           reuse_memory: bool, grad_checkpoint: bool, compile_blocks: bool, plain: bool = False, layers=None):
     if threads:
         torch.set_num_threads(threads)
     if (side != "reference" or plain) and reuse_memory:
@@ -94,7 +94,7 @@ def worker(side: str, conn, dtype_name: str, device_name: str, batch: int, seq: 
         import train
         from data.windows import TokenWindows
 
-        model, opt = build_ours(dtype, device, quantize=side == "ours-nf4")
+        model, opt = build_ours(dtype, device, quantize=side == "ours-nf4", layers=layers)
         model.grad_checkpoint = grad_checkpoint  # as train.py --grad-checkpoint
         if compile_blocks:
             model.compile_blocks()  # as train.py --compile
@@ -110,7 +110,7 @@ def worker(side: str, conn, dtype_name: str, device_name: str, batch: int, seq: 
             def step():
                 train.optimizer_step(model, opt, windows, [torch.arange(batch)], 1e-4, 1.0, autocast, 512)
     else:
-        model, opt = build_reference(dtype, device)
+        model, opt = build_reference(dtype, device, layers)
         x = ids.to(device)
         params = [p for p in model.parameters() if p.requires_grad]
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and dtype == torch.bfloat16 \
@@ -164,6 +164,8 @@ def parse_args():
                    help="leave glibc's default of returning freed memory to the OS (train.py keeps it)")
     p.add_argument("--quantize", default=None, choices=["nf4"],
                    help="add a side: ours with NF4 projections (QLoRA), beside ours in --dtype, same run")
+    p.add_argument("--layers", type=int, default=None,
+                   help="fewer blocks than Qwen2.5-0.5B's 24 (a quick check that the script runs, not a figure)")
     return p.parse_args()
 
 
@@ -173,7 +175,8 @@ def side_flops(args) -> dict[str, int]:
     from model import ModelConfig
 
     def step(recompute: bool) -> int:
-        return flops.count(ModelConfig(**QWEN_SHAPE, head_dim=64), args.batch, args.seq, recompute=recompute,
+        config = ModelConfig(**qwen_shape(getattr(args, "layers", None)), head_dim=64)
+        return flops.count(config, args.batch, args.seq, recompute=recompute,
                            lora={"r": 8, "target_modules": ["q_proj", "v_proj"]}).train_step_hardware
 
     return {"ours": step(args.grad_checkpoint), "ours-nf4": step(args.grad_checkpoint), "reference": step(False)}
@@ -184,7 +187,7 @@ def start_side(ctx, side: str, args, device):
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=worker, args=(side, child, args.dtype, str(device), args.batch, args.seq, args.threads,
                                             not args.no_reuse_memory, args.grad_checkpoint, args.compile,
-                                            args.plain_loss))
+                                            args.plain_loss, getattr(args, "layers", None)))
     proc.start()
     child.close()  # the worker holds the only other end: if it dies, recv() raises instead of waiting forever
     ask(proc, parent, side, None)  # its "ready"
@@ -283,7 +286,7 @@ def main():
     record = {"bench": "train_step", "machine": info, "device": str(device), "dtype": args.dtype, "batch": args.batch,
               "quantize": args.quantize, "plain_loss": args.plain_loss,
               "grad_checkpoint": args.grad_checkpoint, "compile": args.compile, "one_at_a_time": args.one_at_a_time,
-              "reuse_memory": not args.no_reuse_memory,
+              "reuse_memory": not args.no_reuse_memory, "layers": args.layers,
               "seq": args.seq, "step_flops_hardware": flops_of["ours"], "matmul_peak_flops": peak,
               "matmul_peak_flops_before_after": [peak_before, peak_after], "sides": {}}
     report(args, record, flops_of, times, peaks, peak)

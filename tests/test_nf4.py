@@ -9,7 +9,9 @@ import lora
 import train
 from common import UserError
 from model import load_model, save_pretrained
-from model.nf4 import NF4_CODE, NF4Linear, NF4Weight, dynamic_map_8bit, quantize_nf4, quantize_projections
+from model import nf4
+from model.nf4 import (NF4_CODE, NF4_MIDPOINTS, NF4Linear, NF4Weight, dynamic_map_8bit, nf4_codes, nf4_codes_by_search,
+                       quantize_nf4, quantize_projections)
 from model.tiny import tiny_model, tiny_tokenizer
 from tests.conftest import QWEN_DIR, needs_qwen_files
 from tests.test_train import TINY, records
@@ -32,6 +34,7 @@ def random_cases():
     yield torch.randn(1, 1, generator=g)
     yield (torch.randn(96, 200, generator=g) * 3).to(torch.bfloat16)  # bf16 weights, as checkpoints hold them
     yield torch.randn(700, 64, generator=g)  # 700 blocks: 3 absmax blocks of 256, the last one short
+    yield (torch.randn(301, 509, generator=g) * 0.02).to(torch.bfloat16)  # 3 chunks of nf4_codes, the last short
 
 
 def adversarial_cases():
@@ -90,6 +93,36 @@ def test_double_quantization_saves_what_the_docstring_says():
     n = 4096 * 1024
     assert 8 * q1.nbytes / n == pytest.approx(4.5, abs=1e-6)
     assert 8 * q2.nbytes / n == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-4)  # 4.127
+
+
+def test_codes_by_table_equal_codes_by_search_in_every_interval_of_the_table():
+    top = torch.arange(65536, dtype=torch.int64) << 16  # every float32's top 16 bits, with low bits:
+    lows = [0, 1, 0x7FFF, 0x8000, 0xFFFE, 0xFFFF] + torch.randint(0, 0x10000, (4,), generator=torch.Generator().manual_seed(0)).tolist()
+    x = torch.cat([(top | low).to(torch.int32).view(torch.float32) for low in lows]).clamp(-1, 1)  # NaN stays NaN
+    up, down = torch.tensor(2.0), torch.tensor(-2.0)
+    near = torch.cat([NF4_MIDPOINTS, NF4_MIDPOINTS.nextafter(up), NF4_MIDPOINTS.nextafter(down), NF4_CODE,
+                      torch.tensor([0.0, -0.0, float("nan"), 1e-40, -1e-40])])
+    for values in (x, near, torch.rand(100_003, generator=torch.Generator().manual_seed(1)) * 2 - 1):
+        assert torch.equal(nf4_codes(values), nf4_codes_by_search(values))
+    assert nf4_codes(NF4_MIDPOINTS).tolist() == list(range(15))  # a tie takes the lower code
+
+
+def test_loading_quantizes_exactly_as_the_search_did(tmp_path, monkeypatch):
+    save_pretrained(tiny_model(), tmp_path / "ckpt", tiny_tokenizer())
+    fast = dict(load_model(tmp_path / "ckpt", quantize="nf4").named_buffers())
+    monkeypatch.setattr(nf4, "nf4_codes", nf4_codes_by_search)  # the implementation before the table
+    plain = dict(load_model(tmp_path / "ckpt", quantize="nf4").named_buffers())
+    assert fast.keys() == plain.keys() and all(torch.equal(fast[k], plain[k]) for k in fast)
+
+
+def test_tables_are_built_once_per_device(monkeypatch):
+    built = []
+    monkeypatch.setattr(nf4, "_ON_DEVICE", {})
+    monkeypatch.setattr(nf4, "_BUILDERS", {k: (lambda k=k, f=f: built.append(k) or f()) for k, f in nf4._BUILDERS.items()})
+    for _ in range(3):
+        quantize_nf4(torch.randn(64, 64)).dequantize()
+    assert sorted(built) == sorted(set(nf4._BUILDERS) - {"nf4_midpoints"})  # each once (the search's is unused)
+    assert nf4.on_device("nf4_pairs", torch.device("cpu")) is nf4.on_device("nf4_pairs", "cpu")
 
 
 # ----------------------------------------------------------------------------------------- layer
