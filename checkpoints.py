@@ -6,6 +6,8 @@
       checkpoint-000120/          the newest complete checkpoint: adapter_config.json,
                                   adapter_model.safetensors, trainer_state.pt
       .checkpoint-000140.partial/ only while the next one is being written (or after a kill did it)
+      best/                       with --keep-best: the state of the lowest validation loss (write_best)
+      .lock                       names the process running in the folder (train.lock_run_folder)
 
 Why numbered folders. A checkpoint is several files. Replacing a folder in place takes two renames
 (old away, new in), and a kill between them leaves none. Here a new checkpoint is written under a
@@ -66,8 +68,9 @@ def _retire(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def write_checkpoint(run: str | os.PathLike, step: int, fill: Callable[[Path], None]) -> Path:
-    """Write checkpoint `step` with `fill(folder)`, make it durable, switch to it, then retire older ones.
+def write_checkpoint(run: str | os.PathLike, step: int, fill: Callable[[Path], None], keep: int = 1) -> Path:
+    """Write checkpoint `step` with `fill(folder)`, make it durable, switch to it, then retire older ones
+    beyond the newest `keep` (train.py --keep).
 
     A checkpoint that already exists for this step is kept as it is: the run's state at a given step
     is the same whenever it is saved (a save on Ctrl-C right after a scheduled one, say).
@@ -83,9 +86,9 @@ def write_checkpoint(run: str | os.PathLike, step: int, fill: Callable[[Path], N
         fsync(tmp)
         os.rename(tmp, final)  # the switch: from here on this checkpoint exists, whole
         fsync(run)
-    for older, path in complete_checkpoints(run):
-        if older < step:
-            _retire(path)
+    older = [path for s, path in complete_checkpoints(run) if s < step]
+    for path in older[: max(0, len(older) - (keep - 1))]:
+        _retire(path)
     remove_partial(run)
     return final
 
@@ -109,3 +112,38 @@ def rewind_log(path: str | os.PathLike, n_lines: int) -> int:
     with atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in kept))
     return len(kept)
+
+
+BEST, OLD = "best", ".best.old"
+
+
+def write_best(run: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Replace `run/best/` (train.py --keep-best) with a new folder filled by `fill`, made durable first.
+
+    A folder cannot be replaced by one rename, so this takes two: the old one aside to `.best.old`, the
+    new one in. A kill between them leaves `.best.old`, complete, which `best_checkpoint` then returns;
+    the next write clears it. No instant is without a complete best folder.
+    """
+    run = Path(run)
+    final, tmp, old = run / BEST, run / f".{BEST}{PARTIAL}", run / OLD
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    for file in tmp.iterdir():
+        fsync(file)
+    fsync(tmp)
+    if final.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fsync(run)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def best_checkpoint(run: str | os.PathLike) -> Path | None:
+    """`run/best/`, or the complete older one a kill between write_best's two renames left."""
+    for path in (Path(run) / BEST, Path(run) / OLD):
+        if path.is_dir():
+            return path
+    return None
