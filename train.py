@@ -378,6 +378,7 @@ class Run:
     t0: float = field(default_factory=time.perf_counter)
     start: RunState | None = None  # the state this session began from
     last: dict = field(default_factory=dict)  # the latest step record and validation loss
+    saved: RunState | None = None  # the state of the newest checkpoint this session wrote
 
     def commit(self, state: RunState, record: dict) -> None:
         """Log one record (rank 0 writes it) and move to `state`. Called with interrupts held back."""
@@ -484,7 +485,8 @@ def save_checkpoint(run: Run, sync: bool = True) -> Path:
             lora.save_adapter(run.model, folder)
             torch.save({**asdict(state), "optimizer": run.opt.state_dict()}, folder / STATE_FILE)
 
-        folder = write_checkpoint(run.out, state.step, fill, keep=run.args.keep)
+        folder = write_checkpoint(run.out, state.step, fill, keep=run.args.keep, replace=moved_on(run, state))
+        run.saved = state
     if sync:
         run.group.barrier()
     return folder
@@ -756,6 +758,13 @@ def release_run_folder() -> None:
             lock.truncate(0)
             lock.flush()
         lock.close()
+
+
+def moved_on(run: Run, state: RunState) -> bool:
+    """Has the run's state changed since the checkpoint of this same step was written (by this session,
+    or the one it resumed)? Every change of state writes a metrics line, so the line count tells."""
+    last = run.saved or run.start
+    return last is not None and last.step == state.step and last.metrics_lines != state.metrics_lines
 
 
 def keep_if_best(run: Run, val: float) -> None:
