@@ -27,7 +27,9 @@ def run_cli(main) -> None:
     try:
         main()
     except UserError as e:  # under torchrun each process says its own (it may be the only one to meet it)
-        print(f"error: {e}" if speaks else f"error (rank {os.environ['RANK']}): {e}", file=sys.stderr)
+        line = f"error: {e}\n" if speaks else f"error (rank {os.environ['RANK']}): {e}\n"
+        sys.stderr.write(line)  # one write: lines of several processes sharing a pipe do not interleave
+        sys.stderr.flush()
         sys.exit(2)
     except KeyboardInterrupt:
         if speaks:
