@@ -613,7 +613,7 @@ def answered_after(run: Run) -> bool:
 
 # ----------------------------------------------------------------------------- unattended runs
 LOCK_FILE = ".lock"
-_held_locks: list = []  # the open lock files of this process's current run (train() releases them)
+_held_locks: list = []  # (open lock file, folder, created) of this process's current run (train() releases them)
 
 
 def auto_resume(args) -> str | None:
@@ -722,6 +722,7 @@ def lock_run_folder(out: Path) -> None:
     systems only: NFS and some cluster file systems may not honour flock across machines."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder; choose another --out")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / LOCK_FILE, "a+")
@@ -747,17 +748,22 @@ def lock_run_folder(out: Path) -> None:
     lock.truncate()
     lock.write(f"{os.getpid()} on {socket.gethostname()}\n")
     lock.flush()
-    _held_locks.append(lock)
+    _held_locks.append((lock, out, created))
 
 
 def release_run_folder() -> None:
-    """Empty and close this process's lock files (closing releases the flock)."""
+    """Empty and close this process's lock files (closing releases the flock); a folder this run created
+    and left with nothing but its lock (it failed before starting) is removed."""
     while _held_locks:
-        lock = _held_locks.pop()
+        lock, out, created = _held_locks.pop()
         with contextlib.suppress(OSError):
             lock.truncate(0)
             lock.flush()
         lock.close()
+        if created and [p.name for p in out.iterdir()] == [LOCK_FILE]:
+            with contextlib.suppress(OSError):
+                (out / LOCK_FILE).unlink()
+                out.rmdir()
 
 
 def moved_on(run: Run, state: RunState) -> bool:
