@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         shown = "" if default is None or "default" in help or kw is ON_OFF else f" (default: {default})"
         p.add_argument(flag, default=None, help=help + shown, **kw)
     p.add_argument("--resume", default=None, metavar="OUT|auto",
-                   help=f"continue the run in this folder (auto: the --out folder if it holds this run, else a fresh run); only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} "
+                   help=f"continue the run in this folder (auto: the --out folder if it holds this run, else a fresh "
+                        f"run); only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} "
                         f"may be given again with new values")
     return p
 
@@ -697,7 +698,7 @@ def seed_dropout(run: Run, step: int) -> None:
     by (seed, rank, step). A checkpoint holds rank 0's generator (rank 0 writes it), and the others need
     none: a resume, even one made by Ctrl-C on rank 0 alone, gives every process the stream it had."""
     if run.group.rank:
-        torch.manual_seed((run.args.seed * 1_000_003 + run.group.rank * 7_919) * 1_000_033 + step)
+        torch.manual_seed(((run.args.seed * 1_000_003 + run.group.rank * 7_919) * 1_000_033 + step) % 2**63)
 
 
 def claim_run_folder(out: Path, group) -> None:

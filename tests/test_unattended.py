@@ -4,7 +4,6 @@
 import fcntl
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from common import UserError
 from model.tiny import tiny_model
 from tests.conftest import ROOT
 from tests.test_crash_safety import cli
-from tests.test_train import TINY, assert_same_run, interrupt_at, records, run, trainer_state
+from tests.test_train import TINY, assert_same_run, interrupt_at, run, trainer_state
 
 HANG_GUARD = 900  # seconds: a subprocess that takes longer is stuck, not slow
 
