@@ -625,8 +625,8 @@ def auto_resume(args) -> str | None:
     out = Path(args.out or DEFAULTS["out"])
     if (out / "config.json").is_file():
         return str(out)
-    debris = (LOCK_FILE, "metrics.jsonl")  # what a run killed before its first config.json write can leave
-    if out.is_dir() and any(p.name not in debris and not p.name.endswith(PARTIAL) for p in out.iterdir()):
+    # what a run killed before its first config.json write can leave: its lock, a torn temporary file
+    if out.is_dir() and any(p.name != LOCK_FILE and not p.name.endswith((PARTIAL, ".tmp")) for p in out.iterdir()):
         raise UserError(f"--resume auto: {out} holds files but no train.py run (no config.json); "
                         f"choose another --out, or empty it")
     return None

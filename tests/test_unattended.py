@@ -269,3 +269,38 @@ def test_more_systems_than_the_file_holds_is_said(tmp_path, capsys):
     assert out["step"] == 1
     assert f"note: --systems 20 is more than the 6 systems of {tmp_path / 'six.h5'}; using all 6" in capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["systems"] == 6
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "best"])
+def test_a_kill_between_the_two_renames_of_a_replacement_leaves_a_complete_folder(tmp_path, monkeypatch, kind):
+    """Replacing a folder takes two renames (old aside, new in): cut between them, the old one is still found."""
+    import checkpoints
+
+    def fill(text):
+        return lambda folder: (folder / "content").write_text(text)
+
+    def write(text):
+        if kind == "checkpoint":
+            return checkpoints.write_checkpoint(tmp_path, 4, fill(text), replace=True)
+        return checkpoints.write_best(tmp_path, fill(text))
+
+    def found():
+        return latest_checkpoint(tmp_path) if kind == "checkpoint" else checkpoints.best_checkpoint(tmp_path)
+
+    write("old")
+    real, calls = os.rename, []
+
+    def rename(src, dst):  # the process dies right after the first rename
+        calls.append(dst)
+        real(src, dst)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoints.os, "rename", rename)
+        with pytest.raises(KeyboardInterrupt):
+            write("new")
+    assert (found() / "content").read_text() == "old" and found().name.startswith(".")  # the aside folder, whole
+    final = write("new")
+    assert found() == final and (final / "content").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [final.name]  # nothing aside or partial is left
