@@ -6,6 +6,8 @@
       checkpoint-000120/          the newest complete checkpoint: adapter_config.json,
                                   adapter_model.safetensors, trainer_state.pt
       .checkpoint-000140.partial/ only while the next one is being written (or after a kill did it)
+      best/                       with --keep-best: the state of the lowest validation loss (write_best)
+      .lock                       names the process running in the folder (train.lock_run_folder)
 
 Why numbered folders. A checkpoint is several files. Replacing a folder in place takes two renames
 (old away, new in), and a kill between them leaves none. Here a new checkpoint is written under a
@@ -30,7 +32,7 @@ from typing import Callable
 
 from common import atomic_path, fsync
 
-PREFIX, PARTIAL = "checkpoint-", ".partial"
+PREFIX, PARTIAL, REPLACED = "checkpoint-", ".partial", ".replaced"
 
 
 def checkpoint_dir(run: str | os.PathLike, step: int) -> Path:
@@ -39,12 +41,16 @@ def checkpoint_dir(run: str | os.PathLike, step: int) -> Path:
 
 def complete_checkpoints(run: str | os.PathLike) -> list[tuple[int, Path]]:
     """(step, folder) of every complete checkpoint in a run folder, oldest first."""
-    found = []
+    found = {}
     for path in Path(run).glob(PREFIX + "*"):
         digits = path.name[len(PREFIX):]
         if digits.isdigit() and path.is_dir():
-            found.append((int(digits), path))
-    return sorted(found)
+            found[int(digits)] = path
+    for path in Path(run).glob(f".{PREFIX}*{REPLACED}"):  # a replacement cut between its two renames
+        digits = path.name[len(PREFIX) + 1 : -len(REPLACED)]
+        if digits.isdigit() and path.is_dir():
+            found.setdefault(int(digits), path)
+    return sorted(found.items())
 
 
 def latest_checkpoint(run: str | os.PathLike) -> Path | None:
@@ -66,14 +72,32 @@ def _retire(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def write_checkpoint(run: str | os.PathLike, step: int, fill: Callable[[Path], None]) -> Path:
-    """Write checkpoint `step` with `fill(folder)`, make it durable, switch to it, then retire older ones.
+def write_checkpoint(run: str | os.PathLike, step: int, fill: Callable[[Path], None], keep: int = 1,
+                     replace: bool = False) -> Path:
+    """Write checkpoint `step` with `fill(folder)`, make it durable, switch to it, then retire older ones
+    beyond the newest `keep` (train.py --keep).
 
-    A checkpoint that already exists for this step is kept as it is: the run's state at a given step
-    is the same whenever it is saved (a save on Ctrl-C right after a scheduled one, say).
+    A checkpoint that already exists for this step is kept as it is (a save on Ctrl-C right after a
+    scheduled one, say), unless `replace`: the run's state moved on without a step (the answers to
+    --eval-prompts after the last step are booked after its scheduled save). Replacing takes two
+    renames, the old folder aside to `.checkpoint-NNNNNN.replaced` and the new one in; a kill between
+    them leaves the aside folder, complete, and `complete_checkpoints` counts it.
     """
     run, final = Path(run), checkpoint_dir(run, step)
-    if not final.is_dir():
+    aside = run / f".{final.name}{REPLACED}"
+    if replace and final.is_dir():
+        tmp = run / f".{final.name}{PARTIAL}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        fill(tmp)
+        for file in tmp.iterdir():
+            fsync(file)
+        fsync(tmp)
+        shutil.rmtree(aside, ignore_errors=True)  # stale: its final folder exists
+        os.rename(final, aside)
+        os.rename(tmp, final)
+        fsync(run)
+    elif not final.is_dir():
         tmp = run / f".{final.name}{PARTIAL}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -83,9 +107,10 @@ def write_checkpoint(run: str | os.PathLike, step: int, fill: Callable[[Path], N
         fsync(tmp)
         os.rename(tmp, final)  # the switch: from here on this checkpoint exists, whole
         fsync(run)
-    for older, path in complete_checkpoints(run):
-        if older < step:
-            _retire(path)
+    older = [path for s, path in complete_checkpoints(run) if s < step]
+    for path in older[: max(0, len(older) - (keep - 1))]:
+        _retire(path)
+    shutil.rmtree(aside, ignore_errors=True)
     remove_partial(run)
     return final
 
@@ -109,3 +134,38 @@ def rewind_log(path: str | os.PathLike, n_lines: int) -> int:
     with atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in kept))
     return len(kept)
+
+
+BEST, OLD = "best", ".best.old"
+
+
+def write_best(run: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Replace `run/best/` (train.py --keep-best) with a new folder filled by `fill`, made durable first.
+
+    A folder cannot be replaced by one rename, so this takes two: the old one aside to `.best.old`, the
+    new one in. A kill between them leaves `.best.old`, complete, which `best_checkpoint` then returns;
+    the next write clears it. No instant is without a complete best folder.
+    """
+    run = Path(run)
+    final, tmp, old = run / BEST, run / f".{BEST}{PARTIAL}", run / OLD
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    for file in tmp.iterdir():
+        fsync(file)
+    fsync(tmp)
+    if final.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fsync(run)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def best_checkpoint(run: str | os.PathLike) -> Path | None:
+    """`run/best/`, or the complete older one a kill between write_best's two renames left."""
+    for path in (Path(run) / BEST, Path(run) / OLD):
+        if path.is_dir():
+            return path
+    return None

@@ -23,12 +23,13 @@ class UserError(Exception):
 
 def run_cli(main) -> None:
     """Run `main()`, turning UserError (and Ctrl-C) into one line on stderr and exit code 2 / 130."""
-    speaks = os.environ.get("RANK", "0") == "0"  # under torchrun every process meets the same error: one says it
+    speaks = os.environ.get("RANK", "0") == "0"  # rank 0 speaks plainly; under torchrun the others name their rank
     try:
         main()
-    except UserError as e:
-        if speaks:
-            print(f"error: {e}", file=sys.stderr)
+    except UserError as e:  # under torchrun each process says its own (it may be the only one to meet it)
+        line = f"error: {e}\n" if speaks else f"error (rank {os.environ['RANK']}): {e}\n"
+        sys.stderr.write(line)  # one write: lines of several processes sharing a pipe do not interleave
+        sys.stderr.flush()
         sys.exit(2)
     except KeyboardInterrupt as e:
         if speaks and not isinstance(e, ReportedInterrupt):  # a reported one has had its line already

@@ -37,6 +37,7 @@ import contextlib
 import json
 import math
 import os
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -48,7 +49,7 @@ from tqdm import tqdm
 import distributed
 import flops
 import lora
-from checkpoints import latest_checkpoint, remove_partial, rewind_log, write_checkpoint
+from checkpoints import PARTIAL, best_checkpoint, latest_checkpoint, remove_partial, rewind_log, write_best, write_checkpoint
 from common import (UserError, deferred_interrupts, parse_device, read_json, reuse_freed_memory, run_cli,
                     sigterm_as_interrupt, weights_dtype, write_json)
 from common import ReportedInterrupt, format_perplexity
@@ -111,6 +112,8 @@ FLAGS = (  # (flag, default, help, argparse keywords). Every flag parses to None
      {"type": float}),
     ("--init", "kaiming", "how A, B start: kaiming, gaussian, pissa, pissa_niter_K or olora (lora/init.py)", {}),
     ("--rslora", False, "rsLoRA: scaling alpha / sqrt(rank) instead of alpha / rank", ON_OFF),
+    ("--keep", 1, "numbered checkpoints kept, the newest N", {"type": int}),
+    ("--keep-best", False, "also keep the state of the lowest validation loss in OUT/best/", ON_OFF),
 )
 # --help shows the flags in these groups, so the eye finds them; every flag of FLAGS (and --resume) is in
 # exactly one (tests/test_first_hour.py): a new flag fails that test until it is given a group here.
@@ -126,7 +129,7 @@ FLAG_GROUPS = {
 }
 DEFAULTS = {flag[2:].replace("-", "_"): default for flag, default, _, _ in FLAGS}
 # What may change between the sessions of one run; everything else would silently change the run.
-RESUMABLE = ("steps", "max_flops", "eval_every", "save_every", "device", "grad_checkpoint", "compile")
+RESUMABLE = ("steps", "max_flops", "eval_every", "save_every", "device", "grad_checkpoint", "compile", "keep", "keep_best")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, default, help, kw in FLAGS:
         shown = "" if default is None or "default" in help or kw is ON_OFF else f" (default: {default})"
         group_of.get(flag, p).add_argument(flag, default=None, help=help + shown, **kw)
-    group_of.get("--resume", p).add_argument("--resume", default=None, metavar="OUT",
-                   help=f"continue the run in this folder; only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} "
+    group_of.get("--resume", p).add_argument("--resume", default=None, metavar="OUT|auto",
+                   help=f"continue the run in this folder (auto: the --out folder if it holds this run, else a fresh "
+                        f"run); only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} "
                         f"may be given again with new values")
     return p
 
@@ -151,6 +155,8 @@ def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
     differs from the run's is an error rather than silently ignored.
     """
     args = build_parser().parse_args(argv)
+    if args.resume == "auto":
+        args.resume = auto_resume(args)
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "out")}
     if not args.resume:
         return argparse.Namespace(**{**DEFAULTS, **given, "out": args.out or DEFAULTS["out"], "resume": None}), None
@@ -158,6 +164,7 @@ def resolve_args(argv) -> tuple[argparse.Namespace, dict | None]:
     if args.out is not None and Path(args.out) != out:
         raise UserError(f"--out {args.out} and --resume {args.resume} differ; a resumed run stays in its own folder")
     saved = read_run_config(out)
+    check_saved_args(saved["args"], out)
     settings = {**DEFAULTS, **{k: v for k, v in saved["args"].items() if k in DEFAULTS}}
     for key, value in given.items():
         if key not in RESUMABLE and json.dumps(value) != json.dumps(settings[key]):
@@ -277,6 +284,7 @@ def prepare_data(args, tok) -> TrainingData:
         return chat_data(tok, args.data, args.val_data, args.val_fraction, args.data_seed, args.context_length,
                          args.train_on, args.pack)
     trajectories = load_trajectories(args.data, n=1000, seed=args.data_seed)
+    note_systems(args, trajectories)
     return forecasting_data(tok, trajectories, args.systems, args.data_seed, args.context_length, args.stride, args.decimals)
 
 
@@ -418,6 +426,7 @@ class Run:
     t0: float = field(default_factory=time.perf_counter)
     start: RunState | None = None  # the state this session began from
     last: dict = field(default_factory=dict)  # the latest step record and validation loss
+    saved: RunState | None = None  # the state of the newest checkpoint this session wrote
 
     def commit(self, state: RunState, record: dict) -> None:
         """Log one record (rank 0 writes it) and move to `state`. Called with interrupts held back."""
@@ -436,10 +445,12 @@ class Run:
 def setup(args, saved: dict | None) -> Run:
     """Model, LoRA, data, optimizer and FLOP costs; on --resume, the newest checkpoint restored."""
     check_args(args)
+    check_unattended_args(args)
     out = Path(args.out)
     if not args.resume and latest_checkpoint(out):
         raise UserError(f"{out} already holds a run; continue it with --resume {out}, or choose another --out")
     group, device = distributed.init(parse_device(args.device))
+    claim_run_folder(out, group)
     if args.batch_size % group.world:
         raise UserError(f"--batch-size {args.batch_size} is the global batch and does not split over {group.world} "
                         f"processes; use a multiple of {group.world}")
@@ -453,6 +464,7 @@ def setup(args, saved: dict | None) -> Run:
     reuse_freed_memory()
     torch.manual_seed(args.seed)
     model, tok = load_pretrained(args.model, dtype=dtype, device=device, quantize=args.quantize)
+    check_positions(args, model)
     lora.apply_lora(model, rank=args.rank, alpha=args.alpha, targets=args.targets, dropout=args.dropout,
                     verbose=group.is_main, use_rslora=args.rslora, dora=args.dora, init=args.init)
     model.grad_checkpoint = args.grad_checkpoint
@@ -476,7 +488,7 @@ def setup(args, saved: dict | None) -> Run:
     state = (load_checkpoint(out, model, opt) if args.resume else None) or RunState()
     if state.rng:
         set_rng_state(state.rng, device)
-    if group.rank:  # dropout masks: each process its own stream (checkpoints keep rank 0's); no effect without dropout
+    if group.rank:  # dropout masks: each process its own stream (re-seeded every step: train_step); no effect without dropout
         torch.manual_seed(args.seed * 1_000_003 + group.rank * 7_919 + state.step)
 
     if group.is_main:
@@ -526,7 +538,8 @@ def save_checkpoint(run: Run, sync: bool = True) -> Path:
             lora.save_adapter(run.model, folder)
             torch.save({**asdict(state), "optimizer": run.opt.state_dict()}, folder / STATE_FILE)
 
-        folder = write_checkpoint(run.out, state.step, fill)
+        folder = write_checkpoint(run.out, state.step, fill, keep=run.args.keep, replace=moved_on(run, state))
+        run.saved = state
     if sync:
         run.group.barrier()
     return folder
@@ -536,6 +549,7 @@ def train_step(run: Run) -> bool:
     """One optimizer step and its record; False when the loss or gradient was not finite."""
     args, before = run.args, run.state
     step = before.step + 1
+    seed_dropout(run, step)
     lr = lr_at(step, args.lr, args.steps, args.warmup, args.schedule)
     micro = [run.order.next(args.batch_size) for _ in range(args.grad_accum)]
 
@@ -568,6 +582,7 @@ def validate(run: Run) -> None:
                         flops_hardware=run.state.flops_hardware + run.costs["eval_hardware"])
         run.commit(state, {"step": state.step, "val_loss": val, "val_ppl": math.exp(min(val, 700)),
                            "flops": state.flops, "flops_hardware": state.flops_hardware})
+        keep_if_best(run, val)
     run.last["val_loss"] = val
     if run.group.is_main:
         tqdm.write(f"step {state.step}: val loss {val:.4f}, perplexity {format_perplexity(math.exp(min(val, 700)))}",
@@ -584,8 +599,9 @@ def sample_eval_prompts(run: Run, column: str) -> None:
                         flops_hardware=run.state.flops_hardware + cost["hardware"])
         run.commit(state, {"step": state.step, "samples": column, "flops": state.flops,
                            "flops_hardware": state.flops_hardware})
+        if run.group.is_main:  # with the line that books them: a signal cannot fall between the two
+            eval_prompts.record(run.out, column, state.step, run.prompts[0], answers)
     if run.group.is_main:
-        eval_prompts.record(run.out, column, state.step, run.prompts[0], answers)
         tqdm.write(f"step {state.step}: answers to --eval-prompts {column} training in {run.out / 'samples.md'}",
                    file=sys.stderr)
 
@@ -649,12 +665,193 @@ def answered_after(run: Run) -> bool:
     return run.group.broadcast(eval_prompts.has_after(run.out, run.state.step) if run.group.is_main else None)
 
 
+# ----------------------------------------------------------------------------- unattended runs
+LOCK_FILE = ".lock"
+_held_locks: list = []  # (open lock file, folder, created) of this process's current run (train() releases them)
+
+
+def auto_resume(args) -> str | None:
+    """--resume auto: the folder to continue, or None for a fresh run. A scheduler's requeue or
+    torchrun --max-restarts reruns the same command: it continues the run its --out holds (any setting
+    other than the RESUMABLE ones that differs is refused by resolve_args, as for --resume), starts
+    afresh in an empty or missing folder, and refuses a folder holding anything else."""
+    out = Path(args.out or DEFAULTS["out"])
+    if (out / "config.json").is_file():
+        return str(out)
+    # what a run killed before its first config.json write can leave: its lock, a torn temporary file
+    if out.is_dir() and any(p.name != LOCK_FILE and not p.name.endswith((PARTIAL, ".tmp")) for p in out.iterdir()):
+        raise UserError(f"--resume auto: {out} holds files but no train.py run (no config.json); "
+                        f"choose another --out, or empty it")
+    return None
+
+
+def check_saved_args(saved: dict, out: Path) -> None:
+    """config.json is a file people edit: each saved setting must have the type its flag parses to,
+    or the checks and the run would meet it as a traceback far from the cause."""
+    for flag, default, _, kw in FLAGS:
+        key = flag[2:].replace("-", "_")
+        if key in saved and not well_typed(saved[key], default, kw):
+            want = ("true or false" if kw is ON_OFF else f"one of {kw['choices']}" if "choices" in kw
+                    else f"a list of {kw['nargs']} numbers" if "nargs" in kw
+                    else {int: "an integer", float: "a number"}.get(kw.get("type"), "a string"))
+            raise UserError(f"{out / 'config.json'}: \"{key}\" is {json.dumps(saved[key])}, not {want}"
+                            + (" (or null)" if default is None else "") + "; correct it, or start a new run")
+
+
+def well_typed(value, default, kw: dict) -> bool:
+    if value is None:
+        return default is None
+    if kw is ON_OFF:
+        return isinstance(value, bool)
+    if "nargs" in kw:
+        return (isinstance(value, list) and len(value) == kw["nargs"]
+                and all(well_typed(v, 0, {"type": kw.get("type", str)}) for v in value))
+    if "choices" in kw:
+        return value in kw["choices"]
+    kind = kw.get("type", str)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def check_unattended_args(args) -> None:
+    """Settings that would otherwise fail minutes into a run, or deep inside a library, with a traceback."""
+    f32_max = torch.finfo(torch.float32).max
+    rules = [
+        (args.keep >= 1, "--keep must be at least 1 (the newest checkpoint is the one a run resumes from)"),
+        (not (args.quantize and args.compile), "--quantize nf4 and --compile do not work together (inductor cannot "
+                                              "compile the 4-bit dequantization); drop one of them"),
+        # AdamW passes lr / (1 - beta1^t) and lr * weight_decay to float32 arithmetic (optim.py)
+        (args.lr * max(1.0, args.weight_decay) / (1 - args.betas[0]) < f32_max,
+         f"--lr {args.lr:g} is too large for float32 arithmetic in AdamW (lr / (1 - beta1) must stay below "
+         f"{f32_max:.3g}); AdamW learning rates are far below 1"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise UserError(message)
+
+
+def check_positions(args, model) -> None:
+    """A window longer than the model's positions would run for minutes before any step says so."""
+    limit = model.config.max_position_embeddings
+    if args.context_length > limit:
+        raise UserError(f"--context-length {args.context_length} is beyond the {limit} positions of {args.model}; "
+                        f"use at most {limit}")
+
+
+def note_systems(args, trajectories) -> None:
+    available = len(trajectories.values)
+    if args.systems is not None and args.systems > available and os.environ.get("RANK", "0") == "0":
+        print(f"note: --systems {args.systems} is more than the {available} systems of "
+              f"{args.data or 'the simulator'}; using all {available}", file=sys.stderr)
+
+
+def seed_dropout(run: Run, step: int) -> None:
+    """Under torchrun, each process but rank 0 draws its dropout masks for `step` from a generator seeded
+    by (seed, rank, step). A checkpoint holds rank 0's generator (rank 0 writes it), and the others need
+    none: a resume, even one made by Ctrl-C on rank 0 alone, gives every process the stream it had."""
+    if run.group.rank:
+        torch.manual_seed(((run.args.seed * 1_000_003 + run.group.rank * 7_919) * 1_000_033 + step) % 2**63)
+
+
+def claim_run_folder(out: Path, group) -> None:
+    """Rank 0 makes --out a folder it can write and takes its lock; every process learns the outcome, so
+    a refusal is one line from each process instead of a traceback at the next barrier."""
+    problem = None
+    if group.is_main:
+        try:
+            lock_run_folder(out)
+        except UserError as e:
+            problem = str(e)
+    problems = [p for p in group.all_gather(problem) if p]
+    if problems:
+        raise UserError(problems[0])
+
+
+def lock_run_folder(out: Path) -> None:
+    """One run per folder: an exclusive flock on OUT/.lock, held until the run ends. The kernel drops a
+    flock when its process dies, however it dies, so a lock left by a killed process holds nothing and
+    the next run takes it over. The file names its holder (pid, host) for the message; a clean exit
+    empties it, so a name found there by the next run is a holder that was killed. Local file
+    systems only: NFS and some cluster file systems may not honour flock across machines."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; choose another --out")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / LOCK_FILE, "a+")
+    except OSError as e:
+        raise UserError(f"cannot create or write the run folder {out} ({e.strerror or e}); choose another --out") from None
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; the folder is not locked
+        lock.close()
+        return
+    lock.seek(0)
+    holder = lock.read().strip()
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise UserError(f"{out} is in use by another run (process {holder or '?'}); wait for it to end, "
+                        f"or choose another --out") from None
+    if holder and os.environ.get("RANK", "0") == "0":
+        print(f"note: {out} was locked by process {holder}, which ended without releasing it; taken over",
+              file=sys.stderr)
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    _held_locks.append((lock, out, created))
+
+
+def release_run_folder() -> None:
+    """Empty and close this process's lock files (closing releases the flock); a folder this run created
+    and left with nothing but its lock (it failed before starting) is removed."""
+    while _held_locks:
+        lock, out, created = _held_locks.pop()
+        with contextlib.suppress(OSError):
+            lock.truncate(0)
+            lock.flush()
+        lock.close()
+        if created and [p.name for p in out.iterdir()] == [LOCK_FILE]:
+            with contextlib.suppress(OSError):
+                (out / LOCK_FILE).unlink()
+                out.rmdir()
+
+
+def moved_on(run: Run, state: RunState) -> bool:
+    """Has the run's state changed since the checkpoint of this same step was written (by this session,
+    or the one it resumed)? Every change of state writes a metrics line, so the line count tells."""
+    last = run.saved or run.start
+    return last is not None and last.step == state.step and last.metrics_lines != state.metrics_lines
+
+
+def keep_if_best(run: Run, val: float) -> None:
+    """--keep-best: after a validation with a lower loss than any before, OUT/best/ becomes the state
+    of this step (adapter, optimizer, RunState, and best.json with the step and loss). Rank 0 writes;
+    called with interrupts held back, together with the validation it follows."""
+    if not (run.args.keep_best and run.group.is_main and math.isfinite(val)):
+        return
+    best = best_checkpoint(run.out)
+    if best is not None and (best / "best.json").is_file() and val >= read_json(best / "best.json")["val_loss"]:
+        return
+
+    def fill(folder: Path) -> None:
+        lora.save_adapter(run.model, folder)
+        torch.save({**asdict(run.state), "optimizer": run.opt.state_dict()}, folder / STATE_FILE)
+        write_json(folder / "best.json", {"step": run.state.step, "val_loss": val})
+
+    write_best(run.out, fill)
+
+
 def train(argv=None) -> dict:
     """One run; under torchrun, this process's part of it (see distributed.py)."""
     caller_joined = distributed.joined()  # study.py keeps its group across runs
     try:
         return train_process(argv)
     finally:
+        release_run_folder()
         if not caller_joined:
             distributed.shutdown()
 
@@ -674,6 +871,7 @@ def train_process(argv) -> dict:
                 if run.prompts and run.state.step == 0:
                     sample_eval_prompts(run, "before")
                 stopped = training_loop(run)
+                return finish(run, stopped)  # the final answers and save: interruptible like a step
             except KeyboardInterrupt:  # no collective here: under torchrun the others may be gone already
                 saved = "nothing to save yet"
                 if run.state.step and run.group.is_main:
@@ -684,7 +882,6 @@ def train_process(argv) -> dict:
                           f"python train.py --resume {run.out}", file=sys.stderr)
                     raise ReportedInterrupt from None  # run_cli adds no second "interrupted"
                 raise
-        return finish(run, stopped)
     finally:
         if run.metrics is not None:
             run.metrics.close()

@@ -16,6 +16,7 @@ lora/init.py says why), as PEFT's `path_initial_model_for_weight_conversion` sav
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -82,8 +83,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
         other = " (adapter_model.bin is not read: re-save it with safetensors)" if (path / "adapter_model.bin").exists() else ""
         raise UserError(f"{path} has no {WEIGHTS_NAME}{other}")
     cfg = read_json(path / CONFIG_NAME, what=CONFIG_NAME)
-    if cfg.get("peft_type", "LORA") != "LORA":
+    if isinstance(cfg, dict) and cfg.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{path} holds a {cfg.get('peft_type')} adapter; only LORA is supported")
+    check_adapter_config(cfg, path)
     for key, default in (("bias", "none"), ("fan_in_fan_out", False), ("modules_to_save", None),
                          ("layers_to_transform", None), ("rank_pattern", {}), ("alpha_pattern", {})):
         value = cfg.get(key)
@@ -101,6 +103,27 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
         name = key.removeprefix(PREFIX).replace(".default.weight", ".weight")
         tensors[name] = t
     return cfg, tensors
+
+
+def check_adapter_config(cfg, path) -> None:
+    """The fields this loader uses, with the types PEFT writes: a hand-edited or foreign file fails here
+    in one line instead of as a KeyError or ValueError deep in apply_lora."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path / CONFIG_NAME} is not a PEFT adapter config (a JSON object)")
+    fields = {"r": (lambda v: number(v) and v >= 1 and float(v).is_integer(), "a positive integer"),
+              "lora_alpha": (lambda v: number(v) and v > 0, "a positive number"),
+              "target_modules": (lambda v: isinstance(v, str) or isinstance(v, list) and v and all(isinstance(t, str) for t in v),
+                                 "a list of module names")}
+    for key, (ok, want) in fields.items():
+        if key not in cfg:
+            raise UserError(f"{path / CONFIG_NAME} has no \"{key}\" ({want}); it is not a complete PEFT LoRA config")
+        if not ok(cfg[key]):
+            raise UserError(f"{path / CONFIG_NAME}: \"{key}\" is {json.dumps(cfg[key])}, not {want}")
+    if not number(cfg.get("lora_dropout", 0.0)):
+        raise UserError(f"{path / CONFIG_NAME}: \"lora_dropout\" is {json.dumps(cfg['lora_dropout'])}, not a number")
 
 
 def load_adapter(model, path: str | os.PathLike, verbose: bool = False) -> None:

@@ -43,6 +43,7 @@ def fsync(path):
 checkpoints.fsync = fsync
 run_cli(lambda: train.main(sys.argv[1:]))
 """
+HANG_GUARD = 900  # seconds: a process that takes longer is stuck, not slow (tests assert correctness, never speed)
 FAULT_RUN = TINY + ["--steps", "120", "--save-every", "5", "--eval-every", "7"]
 CONFIGS = {"plain": [], "grad-accum-3": ["--grad-accum", "3"], "dropout": ["--dropout", "0.1"]}
 
@@ -65,7 +66,7 @@ def interrupt_randomly(out, flags, rng: random.Random) -> str:
     moment; returns how it ended."""
     before = line_count(out)
     proc = launch(out, flags)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + HANG_GUARD
     while line_count(out) <= before and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     time.sleep(rng.uniform(0, 0.15))
@@ -73,7 +74,7 @@ def interrupt_randomly(out, flags, rng: random.Random) -> str:
         return "finished"
     sig = rng.choice([signal.SIGINT, signal.SIGKILL])
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=HANG_GUARD)
     if sig == signal.SIGINT:  # 130: saved and stopped; 0 or -SIGINT: it finished as the signal landed
         assert proc.returncode in (130, 0, -signal.SIGINT), err
     return sig.name
@@ -81,7 +82,7 @@ def interrupt_randomly(out, flags, rng: random.Random) -> str:
 
 def finish(out, flags):
     proc = launch(out, flags)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HANG_GUARD)
     assert proc.returncode == 0, err
 
 
@@ -96,7 +97,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, config):
         # between the third's rename and the retiring of the older one
         for die_at in (2, 9, 15):
             proc = launch(out, flags, die_at=die_at)
-            proc.communicate(timeout=60)
+            proc.communicate(timeout=HANG_GUARD)
             kills.append(proc.returncode)
             assert proc.returncode == -signal.SIGKILL
         for _ in range(4):

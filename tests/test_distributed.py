@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,18 +17,26 @@ import train
 from checkpoints import latest_checkpoint
 from tests.conftest import ROOT
 from tests.test_chat import small_chat_file
-from tests.test_train import records, trainer_state
+from tests.test_train import assert_same_run, records, trainer_state
 
+# Why --eps 1e-4. One process sums a batch's gradient in another order than two processes do, so the
+# gradients differ by float32 rounding, here at most ~3e-7 (they are at most ~0.3). AdamW moves an
+# element by lr * m_hat / (sqrt(v_hat) + eps), which changes by at most about 2 * lr * dg / eps when
+# its gradient changes by dg: rounding is amplified by 1 / eps. With the default eps = 1e-8 an element
+# whose gradient is pure rounding can differ by up to 2 * lr per step (one of 512 elements was 3.1e-6
+# off on a one-thread AMD EPYC); with eps = 1e-4, 5 steps differ by at most 5 * 2 * 3e-3 * 3e-7 / 1e-4
+# = 9e-8, inside atol = 1e-6 on any CPU and thread count. A bug in the sharding or the token mean
+# moves gradients by far more than rounding and still fails.
 LV = ["--model", "tiny", "--systems", "12", "--context-length", "64", "--batch-size", "4", "--eval-batches", "2",
-      "--lr", "3e-3", "--targets", "all"]
+      "--lr", "3e-3", "--targets", "all", "--eps", "1e-4"]
 
 
 def chat_args(tmp_path):
     return ["--model", "tiny", "--data", str(small_chat_file(tmp_path)), "--context-length", "48", "--batch-size", "4",
-            "--eval-batches", "2", "--lr", "3e-3", "--targets", "all", "--pack"]
+            "--eval-batches", "2", "--lr", "3e-3", "--targets", "all", "--pack", "--eps", "1e-4"]
 
 
-def torchrun(n: int, argv, timeout=180, script="train.py", **kw):
+def torchrun(n: int, argv, timeout=900, script="train.py", **kw):
     """`script` under `torchrun --standalone --nproc_per_node n`, one thread per process."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), script, *map(str, argv)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -85,11 +95,82 @@ def test_resume_with_another_process_count(tmp_path, first, second):
     assert_close_runs(tmp_path / "straight", tmp_path / "split")
 
 
-def test_indivisible_batch_is_one_line(tmp_path):
+def launcher_report(stderr: str) -> tuple[list[str], dict[int, int]]:
+    """(what the processes printed, {rank: exit code}) of a failed torchrun. torchrun itself logs in
+    glog's format ("E1203 13:29:50.43 ... failed (exitcode: 2)", "W... Sending process N closing signal
+    SIGTERM"), then prints its own traceback ending in ChildFailedError and a table of the processes
+    that failed; every other line is ours."""
+    lines = stderr.splitlines()
+    end = next(i for i, line in enumerate(lines) if line.startswith("Traceback"))
+    ours = [line for line in lines[:end] if not re.match(r"[IWE]\d{4} \d\d:\d\d:\d\d", line)]
+    report = "\n".join(lines[end:])
+    assert "ChildFailedError" in report and "File" not in "\n".join(ours)  # no traceback of ours
+    codes = re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\n\s*exitcode\s*: (-?\d+)", report)
+    return ours, {int(rank): int(code) for rank, code in codes}
+
+
+def assert_each_process_said(stderr: str, message: str, world: int = 2) -> None:
+    """Each process says its line (rank 0 `error: ...`, the others `error (rank N): ...`) and exits 2,
+    unless torchrun, which stops the others as soon as the first has failed, stopped it first
+    (SIGTERM: -15 in its table, its line said or not). Nothing else is ours: no traceback."""
+    ours, codes = launcher_report(stderr)
+    assert sorted(codes) == list(range(world)) and set(codes.values()) <= {2, -signal.SIGTERM} and 2 in codes.values(), codes
+    for rank in range(world):
+        said = ours.count(f"error: {message}" if rank == 0 else f"error (rank {rank}): {message}")
+        assert said == 1 if codes[rank] == 2 else said <= 1, (rank, codes, ours)
+    assert all(line.startswith("error") for line in ours), ours
+
+
+def test_indivisible_batch_is_one_line_from_each_process(tmp_path):
     proc = torchrun(2, LV + ["--batch-size", "3", "--steps", "2", "--out", tmp_path / "r"])
-    ours = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode != 0
-    assert ours == ["error: --batch-size 3 is the global batch and does not split over 2 processes; use a multiple of 2"]
+    assert proc.returncode == 1  # torchrun's own code for "a worker failed"
+    assert_each_process_said(proc.stderr, "--batch-size 3 is the global batch and does not split over 2 processes; "
+                                          "use a multiple of 2")
+
+
+def test_an_error_of_rank_0_alone_reaches_every_process(tmp_path):
+    """The folder lock is rank 0's: when it is refused, the others hear it instead of failing at a barrier."""
+    import fcntl
+
+    out = tmp_path / "r"
+    out.mkdir()
+    with open(out / ".lock", "a+") as held:
+        held.write("4242 on elsewhere\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = torchrun(2, LV + ["--steps", "2", "--out", out])
+    assert_each_process_said(proc.stderr, f"{out} is in use by another run (process 4242 on elsewhere); wait for it "
+                                          f"to end, or choose another --out")
+    assert not (out / "config.json").exists()
+
+
+def test_dropout_under_torchrun_resumes_exactly(tmp_path):
+    """Each process's dropout masks: rank 0's generator is in the checkpoint, the others' are seeded
+    by (seed, rank, step), so a resume with the same process count is the uninterrupted run, bit for bit."""
+    common = LV + ["--dropout", "0.1", "--eval-every", "3", "--save-every", "3"]
+    for argv in (common + ["--steps", "6", "--out", tmp_path / "straight"], common + ["--steps", "3", "--out", tmp_path / "split"],
+                 ["--resume", tmp_path / "split", "--steps", "6"]):
+        proc = torchrun(2, argv)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(tmp_path / "straight", tmp_path / "split")
+
+
+def test_dropout_resumed_with_another_process_count_is_reproducible(tmp_path):
+    """With dropout, the masks depend on how the batch is split, so a run resumed with another process
+    count is not the uninterrupted run; what holds is the data order, the counters and the log's
+    structure, and the same resume made twice gives the same bits."""
+    common = LV + ["--dropout", "0.1", "--eval-every", "3", "--save-every", "3"]
+    proc = torchrun(2, common + ["--steps", "3", "--out", tmp_path / "a"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for name in ("a", "b"):
+        train.train(["--resume", str(tmp_path / name), "--steps", "6"])
+    assert_same_run(tmp_path / "a", tmp_path / "b")
+    train.train([str(a) for a in common + ["--steps", "6", "--out", tmp_path / "one"]])
+    sa, sb = trainer_state(tmp_path / "one"), trainer_state(tmp_path / "a")
+    for key in ("step", "flops", "tokens", "data", "metrics_lines"):
+        assert sa[key] == sb[key], key
+    assert [sorted(r) for r in records(tmp_path / "one")] == [sorted(r) for r in records(tmp_path / "a")]
 
 
 def test_a_crash_in_one_process_ends_the_others(tmp_path):
@@ -102,7 +183,7 @@ def test_a_crash_in_one_process_ends_the_others(tmp_path):
     launcher = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 900  # a hang guard, not a speed check
         while not ((out / "metrics.jsonl").exists() and len(records(out)) >= 3):
             assert time.time() < deadline and launcher.poll() is None, "the run did not start"
             time.sleep(0.2)
@@ -110,7 +191,7 @@ def test_a_crash_in_one_process_ends_the_others(tmp_path):
         assert len(workers) == 2
         victim = next(p for p in workers if p.environ().get("RANK") == "1")
         victim.send_signal(signal.SIGKILL)
-        launcher.wait(timeout=60)
+        launcher.wait(timeout=900)
         assert launcher.returncode != 0
         assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
     finally:
@@ -128,7 +209,7 @@ def test_study_under_torchrun_equals_one_process(tmp_path):
             "--horizon", "3", "--samples", "2", "--temperature", "1", "--",
             "--systems", "30", "--batch-size", "2", "--context-length", "64"]
     one = study.main(["--out", str(tmp_path / "one"), *argv])
-    proc = torchrun(2, ["--out", tmp_path / "two", *argv], script="study.py", timeout=400)
+    proc = torchrun(2, ["--out", tmp_path / "two", *argv], script="study.py")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("study done") == 1 and proc.stdout.count("study plan") == 1
     two = json.loads((tmp_path / "two" / "study.json").read_text())

