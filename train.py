@@ -124,7 +124,7 @@ FLAG_GROUPS = {
     "optimizer": ("--lr", "--loraplus-ratio", "--weight-decay", "--betas", "--eps", "--clip", "--seed"),
     "schedule and budget": ("--steps", "--warmup", "--schedule", "--batch-size", "--grad-accum", "--max-flops"),
     "evaluation": ("--eval-every", "--eval-batches", "--eval-prompts", "--eval-max-tokens"),
-    "checkpoints": ("--out", "--save-every", "--resume"),
+    "checkpoints": ("--out", "--save-every", "--keep", "--keep-best", "--resume"),
     "performance": ("--dtype", "--device", "--grad-checkpoint", "--compile", "--loss-chunk"),
 }
 DEFAULTS = {flag[2:].replace("-", "_"): default for flag, default, _, _ in FLAGS}
