@@ -64,6 +64,19 @@ def remove_partial(run: str | os.PathLike) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _written_aside(run: Path, final: Path, fill) -> Path:
+    """`fill` a fresh `.checkpoint-NNNNNN.partial/` beside `final`, every file and the folder fsynced:
+    whole on disk before any rename makes it count."""
+    tmp = run / f".{final.name}{PARTIAL}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    for file in tmp.iterdir():
+        fsync(file)
+    fsync(tmp)
+    return tmp
+
+
 def _retire(path: Path) -> None:
     """Remove a checkpoint folder so that no half-deleted folder ever carries a final name."""
     doomed = path.with_name(f".{path.name}{PARTIAL}")
@@ -86,25 +99,13 @@ def write_checkpoint(run: str | os.PathLike, step: int, fill: Callable[[Path], N
     run, final = Path(run), checkpoint_dir(run, step)
     aside = run / f".{final.name}{REPLACED}"
     if replace and final.is_dir():
-        tmp = run / f".{final.name}{PARTIAL}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        fill(tmp)
-        for file in tmp.iterdir():
-            fsync(file)
-        fsync(tmp)
+        tmp = _written_aside(run, final, fill)
         shutil.rmtree(aside, ignore_errors=True)  # stale: its final folder exists
         os.rename(final, aside)
         os.rename(tmp, final)
         fsync(run)
     elif not final.is_dir():
-        tmp = run / f".{final.name}{PARTIAL}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        fill(tmp)
-        for file in tmp.iterdir():
-            fsync(file)
-        fsync(tmp)
+        tmp = _written_aside(run, final, fill)
         os.rename(tmp, final)  # the switch: from here on this checkpoint exists, whole
         fsync(run)
     older = [path for s, path in complete_checkpoints(run) if s < step]

@@ -174,20 +174,3 @@ def for_runs(flag: str, device: torch.device, model, run_configs: list[dict]) ->
             print(f"note: the runs were trained on frozen weights of different dtypes; using the first's, {name} "
                   f"(pass --dtype to choose)", file=sys.stderr)
     return dtypes[0]
-
-
-def run_config_of(adapter) -> dict | None:
-    """The training run's config.json for an adapter given as a run folder or one of its checkpoints;
-    None for a bare adapter folder."""
-    import json
-    from pathlib import Path
-
-    path = Path(adapter)
-    for candidate in (path / "config.json", path.parent / "config.json"):
-        try:
-            cfg = json.loads(candidate.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(cfg, dict) and isinstance(cfg.get("args"), dict):
-            return cfg
-    return None

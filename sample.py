@@ -25,7 +25,7 @@ import torch
 
 from common import UserError, parse_device, run_cli, weights_dtype
 from model import DEFAULT_MODEL, generate, load_pretrained
-from runs import base_for
+from runs import base_for, training_config
 
 DEFAULT_PROMPT = "0.25,1.50;0.27,1.47;0.31,1.42;"
 
@@ -75,9 +75,7 @@ def main(argv=None):
     args.model, args.quantize = base_for([args.adapter] if args.adapter else [], args.model, args.quantize)
     device = parse_device(args.device)
     torch.manual_seed(args.seed)
-    import precision
-
-    run = precision.run_config_of(args.adapter) if args.adapter else None  # auto: the weights the adapter trained on
+    run = training_config(args.adapter) if args.adapter else None  # auto: the weights the adapter trained on
     dtype = weights_dtype(args.dtype, device, args.model, [run] if run else [])
     model, tok = load_pretrained(args.model, dtype=dtype, device=device, quantize=args.quantize)
     if args.adapter:
