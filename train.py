@@ -442,6 +442,17 @@ class Run:
         return eval_due(step, self.args)
 
 
+def read_eval_prompts(args, tok, model, costs: dict) -> tuple | None:
+    """--eval-prompts as (texts, token ids), with the bound on their answers' FLOPs put in `costs`
+    (the budget keeps room for the answers after the last step)."""
+    if not args.eval_prompts:
+        return None
+    texts = eval_prompts.read_prompts(args.eval_prompts)
+    prompts = (texts, eval_prompts.encode_prompts(tok, texts, chat=is_chat(args)))
+    costs["samples_bound"] = eval_prompts.cost_bound(model, prompts[1], args.eval_max_tokens)["coursework"]
+    return prompts
+
+
 def setup(args, saved: dict | None) -> Run:
     """Model, LoRA, data, optimizer and FLOP costs; on --resume, the newest checkpoint restored."""
     check_args(args)
@@ -476,11 +487,7 @@ def setup(args, saved: dict | None) -> Run:
     opt = AdamW(params, lr=args.lr, betas=args.betas, eps=args.eps, weight_decay=args.weight_decay,
                 lr_scale=lora.loraplus_lr_scales(params, args.loraplus_ratio))
     costs = step_costs(model, args, data.val)
-    prompts = None
-    if args.eval_prompts:
-        texts = eval_prompts.read_prompts(args.eval_prompts)
-        prompts = (texts, eval_prompts.encode_prompts(tok, texts, chat=is_chat(args)))
-        costs["samples_bound"] = eval_prompts.cost_bound(model, prompts[1], args.eval_max_tokens)["coursework"]
+    prompts = read_eval_prompts(args, tok, model, costs)
     for key, value in data.identity.items():
         if saved is not None and saved.get(key) != value:
             raise UserError(f"the data of {out} is not what the run began with (its {key} differs): "
