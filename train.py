@@ -214,7 +214,7 @@ def check_args(args) -> None:
         (args.val_data is None or str(args.val_data).endswith(".jsonl"), "--val-data must be a .jsonl file"),
         (args.loraplus_ratio > 0, "--loraplus-ratio must be positive (1: plain LoRA)"),
     ]
-    lora.check_init(args.init)
+    lora.check_variants(args.dora, args.init)
     for ok, message in rules:
         if not ok:
             raise UserError(message)

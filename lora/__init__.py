@@ -10,12 +10,12 @@ if sys.argv[:1] == ["-m"]:  # `python -m lora.…` is starting (argv[0] is "-m" 
 
 from .dora import DoRALinear
 from .init import check_init
-from .inject import (ALL_TARGETS, apply_lora, lora_modules, lora_parameters, merge, merge_and_export, parse_targets,
-                     unmerge)
+from .inject import (ALL_TARGETS, apply_lora, check_variants, lora_modules, lora_parameters, merge, merge_and_export,
+                     parse_targets, unmerge)
 from .layer import LoRALinear
 from .loraplus import loraplus_lr_scales
 from .peft_format import load_adapter, read_adapter, save_adapter
 
-__all__ = ["ALL_TARGETS", "DoRALinear", "LoRALinear", "apply_lora", "check_init", "load_adapter", "lora_modules",
+__all__ = ["ALL_TARGETS", "DoRALinear", "LoRALinear", "apply_lora", "check_init", "check_variants", "load_adapter", "lora_modules",
            "lora_parameters", "loraplus_lr_scales", "merge", "merge_and_export", "parse_targets", "read_adapter",
            "save_adapter", "unmerge"]

@@ -45,15 +45,22 @@ def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if ".lora_" in n}  # A, B (and DoRA's magnitude)
 
 
+def check_variants(dora: bool, init: str) -> str:
+    """The --init name, checked, and checked against --dora: a DoRA adapter started from PiSSA/OLoRA
+    could not be converted back to the original base model on save (lora/init.py)."""
+    init = check_init(init)
+    if dora and moves_base(init):
+        raise UserError(f"DoRA with --init {init} is not supported: its adapter could not be converted back to the "
+                        f"original base model; use one of the two")
+    return init
+
+
 def apply_lora(model: Transformer, rank: int = 8, alpha: float = 16, targets=("q_proj", "v_proj"),
                dropout: float = 0.0, use_rslora: bool = False, verbose: bool = True, dora: bool = False,
                init: str = "kaiming") -> int:
     """Wrap the target projections of every layer, freeze everything else; return the trainable count.
     `dora`: DoRALinear instead of LoRALinear (lora/dora.py); `init`: how A, B start (lora/init.py)."""
-    init = check_init(init)
-    if dora and moves_base(init):
-        raise UserError(f"DoRA with --init {init} is not supported: its adapter could not be converted back to the "
-                        f"original base model; use one of the two")
+    init = check_variants(dora, init)
     if rank < 1:
         raise UserError(f"LoRA rank must be at least 1, got {rank}")
     if not 0 <= dropout < 1:

@@ -477,3 +477,13 @@ def test_bench_variants_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
     assert rows[0]["flops"] > rows[1]["flops"]  # DoRA's steps cost more
     assert "| dora | --dora | 2 |" in capsys.readouterr().out
     assert variants.main(argv) == json.loads((tmp_path / "variants.json").read_text())["results"]  # kept, not retrained
+
+
+def test_dora_with_a_base_moving_init_is_refused_while_planning():
+    """study.py checks every planned run with train.parse_run_argv: a grid crossing dora=1 with
+    init=pissa is refused before anything trains, not when that run starts."""
+    import train
+
+    with pytest.raises(UserError, match="DoRA with --init pissa is not supported"):
+        train.parse_run_argv(["--model", "tiny", "--dora", "--init", "pissa"])
+    train.parse_run_argv(["--model", "tiny", "--dora", "--init", "gaussian"])  # a plain start is fine
