@@ -64,10 +64,9 @@ def remove_partial(run: str | os.PathLike) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _written_aside(run: Path, final: Path, fill) -> Path:
-    """`fill` a fresh `.checkpoint-NNNNNN.partial/` beside `final`, every file and the folder fsynced:
-    whole on disk before any rename makes it count."""
-    tmp = run / f".{final.name}{PARTIAL}"
+def _filled_durably(tmp: Path, fill) -> Path:
+    """`fill` a fresh temporary folder (`.checkpoint-NNNNNN.partial/`, `.best.partial/`), every file and
+    the folder fsynced: whole on disk before any rename makes it count."""
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     fill(tmp)
@@ -99,13 +98,13 @@ def write_checkpoint(run: str | os.PathLike, step: int, fill: Callable[[Path], N
     run, final = Path(run), checkpoint_dir(run, step)
     aside = run / f".{final.name}{REPLACED}"
     if replace and final.is_dir():
-        tmp = _written_aside(run, final, fill)
+        tmp = _filled_durably(run / f".{final.name}{PARTIAL}", fill)
         shutil.rmtree(aside, ignore_errors=True)  # stale: its final folder exists
         os.rename(final, aside)
         os.rename(tmp, final)
         fsync(run)
     elif not final.is_dir():
-        tmp = _written_aside(run, final, fill)
+        tmp = _filled_durably(run / f".{final.name}{PARTIAL}", fill)
         os.rename(tmp, final)  # the switch: from here on this checkpoint exists, whole
         fsync(run)
     older = [path for s, path in complete_checkpoints(run) if s < step]
@@ -148,13 +147,8 @@ def write_best(run: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
     the next write clears it. No instant is without a complete best folder.
     """
     run = Path(run)
-    final, tmp, old = run / BEST, run / f".{BEST}{PARTIAL}", run / OLD
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    fill(tmp)
-    for file in tmp.iterdir():
-        fsync(file)
-    fsync(tmp)
+    final, old = run / BEST, run / OLD
+    tmp = _filled_durably(run / f".{BEST}{PARTIAL}", fill)
     if final.is_dir():
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)

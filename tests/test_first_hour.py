@@ -294,7 +294,6 @@ def test_study_usage_shows_the_pass_through_and_checks_it():
 # Tools, not this repository's scripts: the commands that run them are not parsed here.
 EXTERNAL_MODULES = {"pytest", "venv", "pip"}
 # Commands that cannot be parsed as printed, each with the reason (keep this short).
-UNPARSEABLE: dict[str, str] = {}
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
@@ -394,8 +393,6 @@ def test_the_documents_hold_commands():
 @pytest.mark.parametrize("doc,line,command,error", COMMANDS, ids=[f"{d}:{n}" for d, n, *_ in COMMANDS])
 def test_every_documented_command_parses_with_its_scripts_parser(doc, line, command, error):
     """A command shown ending in an error parses, or fails in parsing with exactly that error."""
-    if command in UNPARSEABLE:
-        pytest.skip(UNPARSEABLE[command])
     script, argv = script_and_argv(command)
     if script in EXTERNAL_MODULES:
         return
