@@ -20,20 +20,20 @@ batch size). A forecast that cannot be read in full is never dropped:
 - short:   fewer than `horizon` usable timesteps; the rest is filled by repeating the last usable
   forecast value (or the last context value if there is none), i.e. the naive forecast from there on.
 
-Both are counted and reported. Baselines on the same systems (forecast_baselines.py, each reading the
+Both are counted and reported. Baselines on the same systems (forecast/baselines.py, each reading the
 context alone): naive_last, naive_linear, seasonal_naive, autoregression (fitted on the training split)
 and lv_fit (the Lotka-Volterra equations fitted to each context, the physics reference). Every entry
 has MAE, MSE and the scaled error MASE with a 95% bootstrap interval over systems (`--bootstrap N`,
 `--bootstrap-seed`), and each model is compared with the best baseline and with lv_fit by a paired
-bootstrap difference (forecast_metrics.py). With `--samples N` the point forecast is the median of the
+bootstrap difference (forecast/metrics.py). With `--samples N` the point forecast is the median of the
 samples, and the samples are scored by CRPS and the coverage of their 10-90% interval.
 """
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # before torch loads: Ctrl-C during start-up is one line (startup.py)
-    import startup
-    startup.quiet_ctrl_c()
+if __name__ == "__main__":  # before torch loads: Ctrl-C during start-up is one line (common/startup.py)
+    from common.startup import quiet_ctrl_c
+    quiet_ctrl_c()
 
 import argparse
 import copy
@@ -46,16 +46,17 @@ import torch
 from tqdm import tqdm
 
 import flops
-import forecast_baselines
-import forecast_metrics
 import lora
-from common import UserError, parse_device, read_json, run_cli, weights_dtype, write_json
-from common import format_perplexity
-from runs import base_for
+from common.cli import UserError, format_perplexity, run_cli
+from common.devices import parse_device
+from common.files import read_json, write_json
 from data import Scaler, decode, forecast_task, load_trajectories, make_windows, split_indices, trajectory_texts
-from forecast_baselines import naive_last, naive_linear  # noqa: F401  (eval.naive_last: where they used to live)
+from forecast.baselines import all_baselines
+from forecast.metrics import add_intervals, comparisons, crps_from_samples, interval_coverage, scaled_errors
 from model import DEFAULT_MODEL, generate, load_pretrained
 from model.loss import mean_loss
+from model.precision import weights_dtype
+from training.runs import base_for
 
 FORMAT_CHARS = "0123456789.,;"
 
@@ -63,7 +64,7 @@ FORMAT_CHARS = "0123456789.,;"
 # ------------------------------------------------------------------------------------------ metrics
 def error_metrics(forecast: np.ndarray, target: np.ndarray, context: np.ndarray | None = None) -> dict:
     """MAE / MSE / RMSE of (N, H, 2) forecasts, overall, per variable, per horizon step and per system;
-    with the (N, K, 2) context also the scaled error MASE (forecast_metrics.scaled_errors)."""
+    with the (N, K, 2) context also the scaled error MASE (scaled_errors)."""
     err = np.asarray(forecast, dtype=np.float64) - np.asarray(target, dtype=np.float64)
 
     def summary(e):
@@ -76,7 +77,7 @@ def error_metrics(forecast: np.ndarray, target: np.ndarray, context: np.ndarray 
            "per_system_mse": np.mean(err**2, axis=(1, 2)).tolist(),
            "per_system_step_mae": np.mean(np.abs(err), axis=2).tolist()}  # (N, H): for the intervals by step
     if context is not None:
-        scaled = forecast_metrics.scaled_errors(forecast, target, context)
+        scaled = scaled_errors(forecast, target, context)
         for step, mase in zip(out["per_step"], scaled.pop("per_step_mase")):
             step["mase"] = mase
         out.update(scaled)
@@ -184,8 +185,8 @@ def evaluate_forecasts(texts: list[list[str]], task, scaler: Scaler, decimals: i
 
 def sample_scores(samples: np.ndarray, target: np.ndarray) -> dict:
     """CRPS (from the samples) and the coverage of their 10-90% interval, in original units."""
-    crps = forecast_metrics.crps_from_samples(samples, target)
-    coverage = forecast_metrics.interval_coverage(samples, target)
+    crps = crps_from_samples(samples, target)
+    coverage = interval_coverage(samples, target)
     return {"crps": float(crps.mean()), "per_system_crps": crps.tolist(), "coverage_10_90": float(coverage.mean())}
 
 
@@ -359,7 +360,7 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0, help="seed of the sampled forecasts (default: 0)")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
       help="auto (the default): what the --adapter runs trained on; without one, bfloat16 on CUDA, float32 on MPS, "
-           "on CPU the faster of float32 and bfloat16 as measured here (precision.py)")
+           "on CPU the faster of float32 and bfloat16 as measured here (model/precision.py)")
     a("--device", default="auto", help="auto (CUDA, then MPS, then CPU: the default), cpu, cuda, cuda:N or mps")
     a("--quantize", default=None, choices=["nf4"], help="store the base model's projections in 4-bit NF4 (QLoRA runs; "
                                                         "default: as the --adapter runs were trained)")
@@ -381,23 +382,29 @@ def parse_args(argv=None):
     return args
 
 
-def evaluation_values(args, runs: dict) -> tuple[np.ndarray, np.ndarray, dict, str]:
-    """(systems to evaluate, the whole dataset, its split, its source): the dataset and split the runs
-    were trained on (so "test" means systems they never saw), unless --data says otherwise."""
-    data_args = {"data": args.data, "data_seed": args.data_seed, "systems": None}
-    trained_on = [cfg["args"] for _, cfg in runs.values() if cfg is not None]
-    if trained_on and args.data is None:
-        data_args = {k: trained_on[0].get(k) for k in data_args}
-        if any({k: a.get(k) for k in data_args} != data_args for a in trained_on[1:]):
+def trained_data(run_configs: list[dict], data: str | None = None, data_seed: int = 0) -> tuple[np.ndarray, dict, str]:
+    """(the whole dataset (systems, timesteps, 2), its split {train, val, test: indices}, its source): the
+    dataset and split the runs (their config.json) were trained on, so "test" means systems they never
+    saw; `data` and `data_seed` where no run says, or where `data` is given."""
+    source = {"data": data, "data_seed": data_seed, "systems": None}
+    trained_on = [cfg["args"] for cfg in run_configs]
+    if trained_on and data is None:
+        source = {k: trained_on[0].get(k) for k in source}
+        if any({k: a.get(k) for k in source} != source for a in trained_on[1:]):
             print("note: the runs were trained on different data; using the first run's", file=sys.stderr)
-    traj = load_trajectories(data_args["data"], n=1000, seed=data_args["data_seed"])
-    dataset = traj.values[: data_args["systems"]] if data_args["systems"] else traj.values
-    split = split_indices(len(dataset), seed=data_args["data_seed"])
-    if args.systems is not None and args.systems > len(split[args.split]):
+    traj = load_trajectories(source["data"], n=1000, seed=source["data_seed"])
+    dataset = traj.values[: source["systems"]] if source["systems"] else traj.values
+    return dataset, split_indices(len(dataset), seed=source["data_seed"]), traj.source
+
+
+def split_systems(dataset: np.ndarray, split: dict, name: str, systems: int | None) -> np.ndarray:
+    """The first `systems` systems of split `name` (all of them for None), with a note when fewer exist."""
+    chosen = split[name]
+    if systems is not None and systems > len(chosen):
         sizes = " / ".join(f"{len(split[k])} {k}" for k in ("train", "val", "test"))
-        print(f"note: the {args.split} split has {len(split[args.split])} systems, not the {args.systems} asked for "
-              f"({len(dataset)} systems split {sizes}); evaluating {len(split[args.split])}", file=sys.stderr)
-    return dataset[split[args.split]][: args.systems], dataset, split, traj.source
+        print(f"note: the {name} split has {len(chosen)} systems, not the {systems} asked for "
+              f"({len(dataset)} systems split {sizes}); evaluating {len(chosen)}", file=sys.stderr)
+    return dataset[chosen][:systems]
 
 
 def load_variants(args, runs: dict, base_model, fitted: Scaler) -> list[tuple]:
@@ -443,7 +450,8 @@ def main(argv=None) -> dict:
     args.model, args.quantize = base_for(args.adapter, args.model, args.quantize)  # the runs' own by default
     if args.decimals is None:
         args.decimals = next((int(cfg["args"]["decimals"]) for _, cfg in runs.values() if cfg is not None), 2)
-    values, dataset, split, source = evaluation_values(args, runs)
+    dataset, split, source = trained_data([cfg for _, cfg in runs.values() if cfg is not None], args.data, args.data_seed)
+    values = split_systems(dataset, split, args.split, args.systems)
     dtype = weights_dtype(args.dtype, device, args.model, [cfg for _, cfg in runs.values() if cfg is not None])
     base_model, tok = load_pretrained(args.model, dtype=dtype, device=device, quantize=args.quantize)
     variants = load_variants(args, runs, base_model, Scaler.fit(dataset[split["train"]]))
@@ -460,8 +468,8 @@ def main(argv=None) -> dict:
     for name, (forecast, r) in baselines.items():
         results[name], forecasts[name] = r, forecast
     for r in results.values():
-        forecast_metrics.add_intervals(r, args.bootstrap, args.bootstrap_seed)
-    compared = forecast_metrics.comparisons(results, models, [b for b in baselines if b != "lv_fit"], "lv_fit",
+        add_intervals(r, args.bootstrap, args.bootstrap_seed)
+    compared = comparisons(results, models, [b for b in baselines if b != "lv_fit"], "lv_fit",
                                             args.bootstrap, args.bootstrap_seed)
 
     report = {"systems": len(values), "context_steps": args.context_steps, "horizon": args.horizon,
@@ -483,7 +491,7 @@ def baseline_results(task, train: np.ndarray, val: np.ndarray, seed: int = 0) ->
     """{name: (forecast, metrics and what the baseline reports)} for every baseline on the task's context;
     `train` and `val` are the dataset's training and validation systems (the autoregression's data)."""
     out = {}
-    for name, (forecast, info) in forecast_baselines.all_baselines(task.context, task.target.shape[1], train, val,
+    for name, (forecast, info) in all_baselines(task.context, task.target.shape[1], train, val,
                                                                    seed).items():
         out[name] = (forecast, {**error_metrics(forecast, task.target, task.context), **info})
     return out

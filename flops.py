@@ -51,16 +51,16 @@ H query heads, K key/value heads, hd head dim, I intermediate, V vocabulary, r L
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # before torch loads: Ctrl-C during start-up is one line (startup.py)
-    import startup
-    startup.quiet_ctrl_c()
+if __name__ == "__main__":  # before torch loads: Ctrl-C during start-up is one line (common/startup.py)
+    from common.startup import quiet_ctrl_c
+    quiet_ctrl_c()
 
 import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import UserError, run_cli
+from common.cli import UserError, run_cli
 
 MATMUL_OPS = ("aten.mm", "aten.addmm", "aten.bmm")
 
@@ -196,15 +196,18 @@ class Shapes:
         return self.B * self.T
 
     @property
-    def S(self) -> int:
+    def attended(self) -> int:
+        """Keys each query attends over: the cache's length, or the T new tokens themselves."""
         return self.keys or self.T
 
     @property
-    def R(self) -> int:
+    def head_inputs(self) -> int:
+        """Rows that go through lm_head: all N tokens, or only the rows whose next token is wanted."""
         return self.head_rows or self.N
 
     @property
-    def Vh(self) -> int:
+    def head_outputs(self) -> int:
+        """Logits lm_head computes per row: the whole vocabulary, or only the allowed tokens."""
         return self.head_vocab or self.V
 
     @property
@@ -237,7 +240,7 @@ def shapes_of(config, batch: int, seq: int, lora: dict | None, trainable: str | 
 
 def coursework_forward(s: Shapes) -> dict[str, int]:
     """One forward pass in the coursework convention, one line per row of the table at the top."""
-    N, B, T, S, D, H, K, hd, I, r = s.N, s.B, s.T, s.S, s.D, s.H, s.K, s.hd, s.I, s.r  # noqa: E741
+    N, B, T, S, D, H, K, hd, I, r = s.N, s.B, s.T, s.attended, s.D, s.H, s.K, s.hd, s.I, s.r  # noqa: E741
     adapted = [(d_in, d_out) for name, d_in, d_out, _ in s.projections if name in s.targets]
     per_layer = {
         **{name: matmul_cw(N, d_in, d_out) + (N * d_out if bias else 0) for name, d_in, d_out, bias in s.projections},
@@ -257,7 +260,7 @@ def coursework_forward(s: Shapes) -> dict[str, int]:
     ops = {name: s.L * flops for name, flops in per_layer.items()}
     ops["rope"] += B * T * hd // 2 + 2 * 10 * B * T * hd  # angles, cos and sin: once per forward
     ops["final_norm"] = rmsnorm_cw(N, D)
-    ops["lm_head"] = matmul_cw(s.R, D, s.Vh)
+    ops["lm_head"] = matmul_cw(s.head_inputs, D, s.head_outputs)
     return ops
 
 
@@ -273,48 +276,53 @@ def dora_dropout_cw(s: Shapes) -> int:
                      for name, d_in, d_out, bias in s.projections if name in s.targets) if s.dora and s.dropout else 0
 
 
+def backward_matmuls(forward_flops: int, *operands_need_grad: bool) -> int:
+    """A matmul's backward: C = A B gives dA = dC B^T and dB = A^T dC, each a product the size of the
+    forward, computed only for an operand that needs a gradient (a trained weight, or an activation
+    whose gradient flows on to something trained)."""
+    return forward_flops * len([need for need in operands_need_grad if need])
+
+
 def hardware_passes(s: Shapes) -> tuple[dict[str, int], dict[str, int]]:
     """(forward, backward) matmul FLOPs per operation, as autograd runs them.
 
-    Each matmul costs 2*M*N*K forward. In the backward, y = x W^T needs x's gradient (2*M*N*K) only
-    when x requires grad, and W's only when W trains; whether x requires grad is followed through the
-    network: in a LoRA model the residual stream starts frozen and requires grad from the first
-    adapted projection on.
+    Each matmul costs 2*M*N*K forward and, backward, the same again per operand that needs a gradient
+    (`backward_matmuls`). Whether an activation needs one is followed through the network: in a LoRA
+    model the residual stream starts frozen and needs gradients from the first adapted projection on.
     """
     N, B, T, D, H, hd, r = s.N, s.B, s.T, s.D, s.H, s.hd, s.r
     fwd, bwd = dict.fromkeys(("lm_head", "lora_A", "lora_B", "attention_scores", "attention_v"), 0), {}
     full = s.trainable == "full"
 
+    def add(name: str, forward: int, backward: int) -> None:
+        fwd[name], bwd[name] = fwd.get(name, 0) + forward, bwd.get(name, 0) + backward
+
     def linear(name, d_in, d_out, x_grad: bool) -> bool:
-        """One projection on N tokens (+ its LoRA); returns whether its output requires grad."""
+        """One projection y = x W^T on N tokens (+ its LoRA); returns whether y needs a gradient."""
         flops = 2 * N * d_in * d_out
-        fwd[name] = fwd.get(name, 0) + flops
-        bwd[name] = bwd.get(name, 0) + (flops if x_grad else 0) + (flops if full else 0)
+        add(name, flops, backward_matmuls(flops, x_grad, full))
         adapted = name in s.targets and s.trainable != "none"
-        if name in s.targets:  # A: weight grad, input grad where x requires it; B: weight grad, grad of A's output
-            fwd["lora_A"], fwd["lora_B"] = fwd["lora_A"] + 2 * N * d_in * r, fwd["lora_B"] + 2 * N * r * d_out
-            bwd["lora_A"] = bwd.get("lora_A", 0) + ((2 + 2 * x_grad) * N * d_in * r if adapted else 0)
-            bwd["lora_B"] = bwd.get("lora_B", 0) + (4 * N * r * d_out if adapted else 0)
+        if name in s.targets:  # h = x A^T (A trains: weight grad; x's grad where x needs one), then h B^T
+            a_flops, b_flops = 2 * N * d_in * r, 2 * N * r * d_out
+            add("lora_A", a_flops, backward_matmuls(a_flops, adapted and x_grad, adapted))
+            add("lora_B", b_flops, backward_matmuls(b_flops, adapted, adapted))
             if s.dora:  # B A for the norm, outside autograd; with dropout, dropout(x) W^T (its input grad only)
-                fwd["dora"], bwd["dora"] = fwd.get("dora", 0) + 2 * d_out * r * d_in, 0
+                add("dora", 2 * d_out * r * d_in, 0)
                 if s.dropout:
-                    fwd["dora_dropout"] = fwd.get("dora_dropout", 0) + flops
-                    bwd["dora_dropout"] = bwd.get("dora_dropout", 0) + (flops if x_grad else 0)
+                    add("dora_dropout", flops, backward_matmuls(flops, x_grad))
         return x_grad or full or adapted
 
-    attn = 2 * B * H * T * s.S * hd  # q k^T and probs @ v, each over the full T x S rectangle
-    grad = full  # does the residual stream entering layer 0 require grad?
+    attn = 2 * B * H * T * s.attended * hd  # q k^T and probs @ v, each over the full T x S rectangle
+    grad = full  # does the residual stream entering layer 0 need a gradient?
     for _ in range(s.L):
         q, k, v = (linear(name, d_in, d_out, grad) for name, d_in, d_out, _ in s.projections[:3])
-        fwd["attention_scores"] += attn
-        bwd["attention_scores"] = bwd.get("attention_scores", 0) + attn * q + attn * k
-        fwd["attention_v"] += attn
-        bwd["attention_v"] = bwd.get("attention_v", 0) + attn * (q or k) + attn * v
+        add("attention_scores", attn, backward_matmuls(attn, q, k))  # scores = q k^T
+        add("attention_v", attn, backward_matmuls(attn, q or k, v))  # out = probs v; probs need a grad if q or k do
         grad = linear("o_proj", H * hd, D, q or k or v) or grad
         gate, up = (linear(name, d_in, d_out, grad) for name, d_in, d_out, _ in s.projections[4:6])
         grad = linear("down_proj", s.I, D, gate or up) or grad
-    fwd["lm_head"] = 2 * s.R * D * s.Vh
-    bwd["lm_head"] = 2 * s.R * D * s.Vh * (grad + full)
+    head = 2 * s.head_inputs * D * s.head_outputs
+    add("lm_head", head, backward_matmuls(head, grad, full))  # logits = h W^T
     return fwd, bwd
 
 

@@ -13,9 +13,9 @@ over, `/exit` or end of input ends it.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # before torch loads: Ctrl-C during start-up is one line (startup.py)
-    import startup
-    startup.quiet_ctrl_c()
+if __name__ == "__main__":  # before torch loads: Ctrl-C during start-up is one line (common/startup.py)
+    from common.startup import quiet_ctrl_c
+    quiet_ctrl_c()
 
 import argparse
 import sys
@@ -23,9 +23,11 @@ import time
 
 import torch
 
-from common import UserError, parse_device, run_cli, weights_dtype
+from common.cli import UserError, run_cli
+from common.devices import parse_device
 from model import DEFAULT_MODEL, generate, load_pretrained
-from runs import base_for, training_config
+from model.precision import weights_dtype
+from training.runs import base_for, training_config
 
 DEFAULT_PROMPT = "0.25,1.50;0.27,1.47;0.31,1.42;"
 
@@ -50,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto (the default): what the --adapter run trained on; without one, bfloat16 on CUDA, float32 on MPS, "
-                        "on CPU the faster of float32 and bfloat16 as measured here (precision.py)")
+                        "on CPU the faster of float32 and bfloat16 as measured here (model/precision.py)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU: the default), cpu, cuda, cuda:N or mps")
     p.add_argument("--quantize", default=None, choices=["nf4"],
                    help="store the projections in 4-bit NF4 (default: as the --adapter run was trained)")

@@ -9,7 +9,7 @@ Phases, each skipped when its step count is 0:
 1. grid: the cartesian product of the --grid flags (any train.py flag), --grid-steps each;
 2. context lengths: the best grid setting at each of --context-lengths, --context-length-steps each;
 3. final: the best setting of all, --final-steps;
-4. test: the final adapter, the untrained model and every baseline (forecast_baselines.py), on the
+4. test: the final adapter, the untrained model and every baseline (forecast/baselines.py), on the
    test split, each with a 95% bootstrap interval, and the paired difference against the best baseline.
 Every training run is a normal train.py run folder under OUT/runs/ (resumable, evaluable with eval.py)
 and is judged on the validation split: its validation loss (train.py's own pass at its last step) and
@@ -27,22 +27,24 @@ selected (docs/study.md).
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # before torch loads: Ctrl-C during start-up is one line (startup.py)
-    import startup
-    startup.quiet_ctrl_c()
+if __name__ == "__main__":  # before torch loads: Ctrl-C during start-up is one line (common/startup.py)
+    from common.startup import quiet_ctrl_c
+    quiet_ctrl_c()
 
 import argparse
 import itertools
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
-import distributed
 import flops
-import forecast_metrics
 import train
-from common import UserError, atomic_path, fsync, read_json, run_cli, weights_dtype, write_json
+from common.cli import UserError, run_cli
+from common.files import atomic_path, fsync, read_json, write_json
+from forecast.metrics import add_intervals, comparisons
+from model.precision import weights_dtype
+from training import distributed
 
 KINDS = ("train", "validation", "forecast")
 
@@ -266,29 +268,50 @@ def train_argv(args, run: dict, folder: Path) -> list[str]:
     return args.passthrough + argv + ["--steps", str(run["steps"]), "--out", str(folder)]  # the run's flags win
 
 
-def projected_flops(args, run: dict) -> dict:
+class Pricing:
+    """What the plan prices runs with, read once per plan rather than once per run: the model's config
+    and tokenizer (no weights are loaded) and the windows of each data setting (runs that differ only in
+    learning rate or rank share them)."""
+
+    def __init__(self, model_name: str):
+        from model import load_config, load_tokenizer
+
+        self.config, self.tok = load_config(model_name), load_tokenizer(model_name)
+        self._windows = {}
+
+    def data(self, run_args) -> tuple[dict, dict]:
+        """({"train", "val": windows}, info) of train.prepare_data for a run's settings."""
+        key = tuple(getattr(run_args, k) for k in ("model", "data", "systems", "data_seed", "context_length",
+                                                    "stride", "decimals"))
+        if key not in self._windows:
+            data = train.prepare_data(run_args, self.tok)
+            self._windows[key] = ({"train": data.train, "val": data.val}, data.info)
+        return self._windows[key]
+
+
+def projected_flops(args, run: dict, pricing: Pricing) -> dict:
     """Training, validation and forecast FLOPs a run is expected to cost (coursework accounting)."""
-    targs = checked_run_args(args, run)
-    model, tok = projection_model(args.model)
-    windows, info = prepared_data(targs, tok)
+    run_args = checked_run_args(args, run)
+    model, tok = pricing.config, pricing.tok
+    windows, info = pricing.data(run_args)
     if args.eval_context_steps + args.horizon > info["timesteps"]:
         raise UserError(f"--eval-context-steps {args.eval_context_steps} + --horizon {args.horizon} must fit in the "
                         f"{info['timesteps']} timesteps of each system ({run['name']}'s data)")
-    cfg = {"r": int(targs.rank), "target_modules": targs.targets, "use_dora": bool(targs.dora),
-           "lora_dropout": targs.dropout}
-    costs = train.step_costs(model, targs, windows["val"], lora=cfg)
-    evals = sum(train.eval_due(step, targs) for step in range(1, run["steps"] + 1))
+    cfg = {"r": int(run_args.rank), "target_modules": run_args.targets, "use_dora": bool(run_args.dora),
+           "lora_dropout": run_args.dropout}
+    costs = train.step_costs(model, run_args, windows["val"], lora=cfg)
+    evals = sum(train.eval_due(step, run_args) for step in range(1, run["steps"] + 1))
     return {"train": run["steps"] * costs["train_step"], "validation": evals * costs["eval"],
-            "forecast": forecast_estimate(args, model, inference_lora(targs), info["tokens_per_step"], tok,
+            "forecast": forecast_estimate(args, model, inference_lora(run_args), info["tokens_per_step"], tok,
                                           info["split_sizes"]["val"])}
 
 
-def inference_lora(targs) -> dict:
+def inference_lora(run_args) -> dict:
     """The adapter the forecasts run with: a PiSSA/OLoRA one is loaded converted, at rank 2r (lora/init.py)."""
     from lora.init import moves_base
 
-    return {"r": int(targs.rank) * (2 if moves_base(targs.init) else 1), "target_modules": targs.targets,
-            "use_dora": bool(targs.dora)}
+    return {"r": int(run_args.rank) * (2 if moves_base(run_args.init) else 1), "target_modules": run_args.targets,
+            "use_dora": bool(run_args.dora)}
 
 
 def checked_run_args(args, run: dict):
@@ -322,27 +345,6 @@ def sampling(args, split: str) -> tuple[int, float]:
     return args.samples, args.temperature
 
 
-_PROJECTION, _DATA = {}, {}
-
-
-def prepared_data(targs, tok):
-    """train.prepare_data, once per data setting (runs that differ only in lr or rank share it)."""
-    key = tuple(getattr(targs, k) for k in ("model", "data", "systems", "data_seed", "context_length", "stride", "decimals"))
-    if key not in _DATA:
-        data = train.prepare_data(targs, tok)
-        _DATA[key] = ({"train": data.train, "val": data.val}, data.info)
-    return _DATA[key]
-
-
-def projection_model(name: str):
-    """(config, tokenizer) for the plan: no weights are loaded."""
-    if name not in _PROJECTION:
-        from model import load_config, load_tokenizer
-
-        _PROJECTION[name] = (load_config(name), load_tokenizer(name))
-    return _PROJECTION[name]
-
-
 def print_plan(args, plan: list[tuple[dict, dict]], later: str) -> int:
     print(f"study plan, budget {args.budget:.3g} FLOPs (coursework accounting)")
     print(f"{'run':<34}{'steps':>7}{'train':>12}{'validation':>12}{'forecast':>12}{'total':>12}")
@@ -360,18 +362,19 @@ def print_plan(args, plan: list[tuple[dict, dict]], later: str) -> int:
 def make_plan(args) -> list[tuple[dict, dict]]:
     """Every run with its projected FLOPs. The context and final runs take their setting from results
     not known yet, so each is projected at the most expensive setting it could take."""
-    plan = [(run, projected_flops(args, run)) for run in grid_runs(args)]
+    pricing = Pricing(args.model)
+    plan = [(run, projected_flops(args, run, pricing)) for run in grid_runs(args)]
     candidates = [run["flags"] for run, _ in plan] or [{}]
     for length in args.context_lengths if args.context_length_steps else []:
         runs = [{"name": f"context-{length}", "phase": "context", "flags": {**flags, "context_length": str(length)},
                  "steps": args.context_length_steps} for flags in candidates]
-        plan.append(max(((r, projected_flops(args, r)) for r in runs), key=lambda rc: sum(rc[1].values())))
+        plan.append(max(((r, projected_flops(args, r, pricing)) for r in runs), key=lambda rc: sum(rc[1].values())))
     if args.final_steps:
         finals = [{"name": "final", "phase": "final", "flags": run["flags"], "steps": args.final_steps}
                   for run, _ in plan] or [{"name": "final", "phase": "final", "flags": {}, "steps": args.final_steps}]
-        plan.append(max(((r, projected_flops(args, r)) for r in finals), key=lambda rc: sum(rc[1].values())))
-    model, tok = projection_model(args.model)
-    info = prepared_data(train.resolve_args(train_argv(args, plan[-1][0], Path("-")))[0], tok)[1] \
+        plan.append(max(((r, projected_flops(args, r, pricing)) for r in finals), key=lambda rc: sum(rc[1].values())))
+    model, tok = pricing.config, pricing.tok
+    info = pricing.data(train.resolve_args(train_argv(args, plan[-1][0], Path("-")))[0])[1] \
         if plan else {"tokens_per_step": 10, "split_sizes": {"test": args.eval_systems or 1}}
     step_tokens = info["tokens_per_step"]
     test = {"name": "test forecasts", "phase": "test", "flags": {}, "steps": 0}  # final adapter, untrained model
@@ -393,7 +396,7 @@ class Ledger:
     def __init__(self, path: Path, group: distributed.Group = distributed.Group()):
         self.path, self.lines, self.writes = path, [], group.is_main
         if group.is_main:
-            from checkpoints import rewind_log
+            from training.checkpoints import rewind_log
 
             for line in path.read_text().splitlines() if path.exists() else []:
                 try:
@@ -481,9 +484,11 @@ def flops_by_kind(folder: Path, failed_on: str | None = None) -> dict:
         split[kind]["hardware"] += rec["flops_hardware"] - previous["flops_hardware"]
         previous = rec
     if failed_on is not None:
+        from model import load_config
+
         cfg = read_json(folder / "config.json", what="run config")
         lora_cfg = {"r": cfg["lora"]["r"], "target_modules": cfg["lora"]["target_modules"]}
-        optimizer = flops.count(projection_model(failed_on)[0], 1, 1, lora=lora_cfg, trainable="lora").optimizer_coursework
+        optimizer = flops.count(load_config(failed_on), 1, 1, lora=lora_cfg, trainable="lora").optimizer_coursework
         split["train"]["coursework"] += cfg["flops"]["train_step"] - optimizer
         split["train"]["hardware"] += cfg["flops"]["train_step_hardware"]
     return split
@@ -504,8 +509,8 @@ def forecast(args, name: str, model, tok, run_cfg: dict, split: str, ledger: Led
     import eval as ev
     from data import Scaler, forecast_task
 
-    ns = SimpleNamespace(data=None, data_seed=0, systems=args.eval_systems, split=split)
-    values, _, _, _ = ev.evaluation_values(ns, {name: (None, run_cfg)})
+    dataset, indices, _ = ev.trained_data([run_cfg])
+    values = ev.split_systems(dataset, indices, split, args.eval_systems)
     scaler, decimals = Scaler.from_dict(run_cfg["scaler"]), int(run_cfg["args"]["decimals"])
     task = forecast_task(values, scaler, decimals, args.eval_context_steps, args.horizon)
     kept = Path(args.out) / "forecasts" / f"{name}.json"
@@ -549,7 +554,7 @@ def judge(args, run: dict, folder: Path, failed: dict | None, base, tok, ledger:
     if group.is_main:
         vals = [r for r in read_metrics(folder) if "val_loss" in r]
         spent = {k: sum(b[k] for b in ledger.lines if b["run"] == run["name"]) for k in ("coursework", "hardware")}
-        ci = None if failed else forecast_metrics.add_intervals(dict(metrics), args.bootstrap, args.bootstrap_seed)["ci"]
+        ci = None if failed else add_intervals(dict(metrics), args.bootstrap, args.bootstrap_seed)["ci"]
         scores = ({"failed": failed, "val_loss": None, "val_mae": None, "val_mse": None, "val_mase": None,
                    "val_ci": {}, "val_invalid": None} if failed else
                   {"val_loss": vals[-1]["val_loss"], "val_mae": metrics["mae"], "val_mse": metrics["mse"],
@@ -602,7 +607,6 @@ def test_phase(args, final: dict, base, tok, ledger: Ledger, group: distributed.
     intervals and paired differences; and the baselines on the validation systems the runs were judged on."""
     import copy
 
-    import eval as ev
     import lora
     from data import Scaler, forecast_task
 
@@ -620,12 +624,12 @@ def test_phase(args, final: dict, base, tok, ledger: Ledger, group: distributed.
     results.update({name: r for name, (_, r) in baselines.items()})
     forecasts.update({name: f for name, (f, _) in baselines.items()})
     for r in results.values():
-        forecast_metrics.add_intervals(r, args.bootstrap, args.bootstrap_seed)
-    compared = forecast_metrics.comparisons(results, [final["name"], "untrained"],
+        add_intervals(r, args.bootstrap, args.bootstrap_seed)
+    compared = comparisons(results, [final["name"], "untrained"],
                                             [b for b in baselines if b != "lv_fit"], "lv_fit",
                                             args.bootstrap, args.bootstrap_seed)
     val_task = forecast_task(split_values(args, cfg, "val"), Scaler(1.0), 2, args.eval_context_steps, args.horizon)
-    val_baselines = {name: forecast_metrics.add_intervals(r, args.bootstrap, args.bootstrap_seed)
+    val_baselines = {name: add_intervals(r, args.bootstrap, args.bootstrap_seed)
                      for name, (_, r) in baselines_on(args, cfg, "val", val_task).items()}
     return {"systems": len(task.target), "results": results, "forecasts": forecasts, "task": task,
             "comparisons": compared, "val_baselines": val_baselines}
@@ -635,8 +639,8 @@ def split_values(args, run_cfg: dict, split: str):
     """The --eval-systems systems of a split of the data the run was trained on (as forecast() reads them)."""
     import eval as ev
 
-    ns = SimpleNamespace(data=None, data_seed=0, systems=args.eval_systems, split=split)
-    return ev.evaluation_values(ns, {"run": (None, run_cfg)})[0]
+    dataset, indices, _ = ev.trained_data([run_cfg])
+    return ev.split_systems(dataset, indices, split, args.eval_systems)
 
 
 def baselines_on(args, run_cfg: dict, split: str, task) -> dict:
@@ -644,8 +648,7 @@ def baselines_on(args, run_cfg: dict, split: str, task) -> dict:
     and picks its lags on the validation split (all of it)."""
     import eval as ev
 
-    ns = SimpleNamespace(data=None, data_seed=0, systems=None, split=split)
-    _, dataset, indices, _ = ev.evaluation_values(ns, {"run": (None, run_cfg)})
+    dataset, indices, _ = ev.trained_data([run_cfg])
     return ev.baseline_results(task, dataset[indices["train"]], dataset[indices["val"]])
 
 
@@ -653,19 +656,22 @@ def main(argv=None) -> dict:
     """The study; under torchrun every process joins once, trains each run together with the others
     (train.py's torchrun path), forecasts its share of the systems, and rank 0 writes the ledger and
     the outputs."""
-    from common import parse_device
+    from common.devices import parse_device
+    from training.memory import reuse_freed_memory
 
     args = parse_args(argv)
     plan = make_plan(args)
-    targs = train.resolve_args(train_argv(args, plan[0][0], Path(args.out)))[0]  # forecasts run as the runs do
-    group, device = (distributed.Group(), None) if args.dry_run else distributed.init(parse_device(targs.device))
+    if not args.dry_run:
+        reuse_freed_memory()  # as train.py's main: freed activation memory kept for the next step
+    first_run = train.resolve_args(train_argv(args, plan[0][0], Path(args.out)))[0]  # forecasts run as the runs do
+    group, device = (distributed.Group(), None) if args.dry_run else distributed.init(parse_device(first_run.device))
     try:
-        return run_study(args, plan, targs, group, device)
+        return run_study(args, plan, first_run, group, device)
     finally:
         distributed.shutdown()
 
 
-def run_study(args, plan, targs, group: distributed.Group, device) -> dict:
+def run_study(args, plan, first_run, group: distributed.Group, device) -> dict:
     total = sum(sum(cost.values()) for _, cost in plan)
     if group.is_main:
         print_plan(args, plan, " (context and final runs at their most expensive setting)")
@@ -686,8 +692,8 @@ def run_study(args, plan, targs, group: distributed.Group, device) -> dict:
     check_settings(args, group)
     group.barrier()
     ledger = Ledger(out / "ledger.jsonl", group)
-    base, tok = load_pretrained(args.model, dtype=weights_dtype(targs.dtype, device, args.model), device=device,
-                                quantize=targs.quantize)
+    base, tok = load_pretrained(args.model, dtype=weights_dtype(first_run.dtype, device, args.model), device=device,
+                                quantize=first_run.quantize)
     grid = run_phase(args, [(r, c) for r, c in plan if r["phase"] == "grid"], base, tok, ledger, group)
     best = best_of(args, grid) if grid else {"flags": {}, "name": "defaults"}
     context_plan = [({**r, "flags": {**best["flags"], "context_length": r["flags"]["context_length"]}}, c)
@@ -700,18 +706,35 @@ def run_study(args, plan, targs, group: distributed.Group, device) -> dict:
     if chosen.get("name") == "defaults":
         raise UserError("nothing to test: every training phase has 0 steps")
     test = test_phase(args, chosen, base, tok, ledger, group)
-    return write_outputs(args, plan, grid, context, final, best, best_all, test, ledger, group)
+    return write_outputs(args, plan, Outcome(grid, context, final, best, best_all, test), ledger, group)
 
 
 # ----------------------------------------------------------------------------------------- outputs
-def write_outputs(args, plan, grid, context, final, best, best_all, test, ledger: Ledger,
-                  group: distributed.Group) -> dict:
+@dataclass
+class Outcome:
+    """What the phases produced: each phase's run records, the settings chosen, the test results."""
+
+    grid: list[dict]
+    context: list[dict]
+    final: list[dict]
+    best_grid: dict  # the grid's best run (or {"name": "defaults", "flags": {}} without a grid)
+    best: dict  # the best of the grid and context runs: the final run's setting
+    test: dict  # test_phase's results
+
+    @property
+    def runs(self) -> list[dict]:
+        return self.grid + self.context + self.final
+
+
+def write_outputs(args, plan, outcome: Outcome, ledger: Ledger, group: distributed.Group) -> dict:
+    grid, context, final, test = outcome.grid, outcome.context, outcome.final, outcome.test
+    best, best_all = outcome.best_grid, outcome.best
     strip = lambda r: {k: v for k, v in r.items() if k != "curve"}  # noqa: E731
     report = {
         "settings": {k: v for k, v in vars(args).items() if k != "dry_run"},
         "plan": [{"run": r["name"], "steps": r["steps"], "projected": c} for r, c in plan],
         "notes": selection_notes(args, plan),
-        "runs": [strip(r) for r in grid + context + final], "best_grid": best.get("name"), "best": best_all.get("name"),
+        "runs": [strip(r) for r in outcome.runs], "best_grid": best.get("name"), "best": best_all.get("name"),
         "final": (final[0] if final else best_all)["name"],
         "test": {"systems": test["systems"], "results": test["results"], "comparisons": test["comparisons"]},
         "val_baselines": test["val_baselines"],
@@ -724,7 +747,7 @@ def write_outputs(args, plan, grid, context, final, best, best_all, test, ledger
     write_json(out / "study.json", report)
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(results_markdown(args, grid, context, report))
-    plots = make_plots(out / "plots", args, grid, context, final, test)
+    plots = make_plots(out / "plots", args, outcome)
     print(f"study done: {ledger.total():.4g} of {args.budget:.4g} FLOPs; {out / 'study.json'}, {out / 'results.md'}"
           + (f", {len(plots)} plots in {out / 'plots'}" if plots else ""), file=sys.stderr)
     return report
@@ -834,7 +857,7 @@ def grid_table(args, grid) -> list[str]:
     return lines + [f"| {r['name']} | {score(r, 'val_loss')} | {score(r, 'val_mae')} | {score(r, 'val_mse')} |" for r in grid]
 
 
-def make_plots(folder: Path, args, grid, context, final, test) -> list[Path]:
+def make_plots(folder: Path, args, outcome: Outcome) -> list[Path]:
     try:
         import matplotlib
 
@@ -852,8 +875,9 @@ def make_plots(folder: Path, args, grid, context, final, test) -> list[Path]:
         fig.savefig(written[-1], dpi=90)
         plt.close(fig)
 
+    grid, context, test = outcome.grid, outcome.context, outcome.test
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for r in grid + context + final:
+    for r in outcome.runs:
         for ax, x in zip(axes, ("step", "flops")):
             ax.plot([c[x] for c in r["curve"]], [c["val_loss"] for c in r["curve"]], marker=".", label=r["name"]
                     + (f" (failed at step {r['failed']['step']})" if r.get("failed") else ""))
@@ -880,7 +904,7 @@ def make_plots(folder: Path, args, grid, context, final, test) -> list[Path]:
         ax.set(xlabel="context length (tokens)", ylabel=f"validation {args.select.removeprefix('val_').upper()}")
         save(fig, "context_lengths.png")
     written += test_plots(save, plt, args, test)
-    error_vs_flops(save, plt, grid + context + final, test)
+    error_vs_flops(save, plt, outcome.runs, test)
     return written
 
 

@@ -16,11 +16,11 @@ with a checkpoint, before a step would pass `--max-flops`.
 
 Outputs in --out: config.json (every setting, the data scaling), metrics.jsonl (one JSON line per
 step and per evaluation), checkpoint-NNNNNN/ (the adapter in PEFT format + trainer_state.pt; see
-checkpoints.py for why a complete one exists at every instant).
+training/checkpoints.py for why a complete one exists at every instant).
 
 Nothing is lost to an interruption. The weights, the optimizer moments, the step and FLOP counters,
 the data position, the RNG states and the number of metrics lines change together, at step
-boundaries, with Ctrl-C and SIGTERM held back for those few milliseconds (`RunState`). Ctrl-C or
+boundaries, with Ctrl-C and SIGTERM held back for those few milliseconds (`RunState`, training/state.py). Ctrl-C or
 SIGTERM saves the last boundary; SIGKILL or a power cut loses what came after the newest checkpoint.
 Either way `--resume` continues from a state the run really passed through, and ends bit for bit
 where the uninterrupted run would have.
@@ -28,39 +28,40 @@ where the uninterrupted run would have.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # before torch loads: Ctrl-C during start-up is one line (startup.py)
-    import startup
-    startup.quiet_ctrl_c()
+if __name__ == "__main__":  # before torch loads: Ctrl-C during start-up is one line (common/startup.py)
+    from common.startup import quiet_ctrl_c
+    quiet_ctrl_c()
 
 import argparse
 import contextlib
 import json
 import math
 import os
-import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-import distributed
 import flops
 import lora
-from checkpoints import PARTIAL, best_checkpoint, latest_checkpoint, remove_partial, rewind_log, write_best, write_checkpoint
-from common import (UserError, deferred_interrupts, parse_device, read_json, reuse_freed_memory, run_cli,
-                    sigterm_as_interrupt, weights_dtype, write_json)
-from common import ReportedInterrupt, format_perplexity
-import eval_prompts
+from common.cli import ReportedInterrupt, UserError, deferred_interrupts, format_perplexity, run_cli, sigterm_as_interrupt
+from common.devices import parse_device
+from common.files import read_json, write_json
 from data import TrainingData, forecasting_data, load_trajectories
 from data.chat import chat_data
 from model import DEFAULT_MODEL, load_pretrained
 from model.loss import lm_loss_sum, mean_loss
-from optim import AdamW, clip_grad_norm, lr_at
+from model.precision import weights_dtype
+from training import distributed, eval_prompts
+from training.checkpoints import PARTIAL, best_checkpoint, latest_checkpoint, remove_partial, rewind_log, write_best, write_checkpoint
+from training.lock import LOCK_FILE, claim_run_folder, release_run_folder
+from training.memory import reuse_freed_memory
+from training.optim import AdamW, clip_grad_norm, lr_at
+from training.state import BatchOrder, RunState, load_checkpoint, rng_state, save_state, set_rng_state
 
-STATE_FILE = "trainer_state.pt"
 
 # ------------------------------------------------------------------------------------------- flags
 ON_OFF = {"action": argparse.BooleanOptionalAction}
@@ -100,7 +101,7 @@ FLAGS = (  # (flag, default, help, argparse keywords). Every flag parses to None
     ("--out", "runs/lv", "run folder", {}),
     ("--max-flops", 1e17, "FLOP budget (coursework accounting)", {"type": float}),
     ("--dtype", "auto", "storage of the frozen weights; auto: bfloat16 (+ autocast) on CUDA, on CPU the faster of "
-     "float32 and bfloat16 as measured here (precision.py), kept on --resume",
+     "float32 and bfloat16 as measured here (model/precision.py), kept on --resume",
      {"choices": ["auto", "float32", "bfloat16"]}),
     ("--device", "auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps", {}),
     ("--grad-checkpoint", False, "recompute activations in the backward pass", ON_OFF),
@@ -248,30 +249,6 @@ def parse_run_argv(argv) -> tuple[argparse.Namespace, dict]:
 
 
 # -------------------------------------------------------------------------------------------- data
-class BatchOrder:
-    """Shuffled passes over the training windows. Each epoch's order is a pure function of (seed,
-    epoch), so the position (epoch, index) is all a checkpoint needs to continue exactly."""
-
-    def __init__(self, n: int, seed: int, epoch: int = 0, index: int = 0):
-        self.n, self.seed, self.epoch, self.index = n, seed, epoch, index
-        self._order = self._perm(epoch)
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-
-    def next(self, k: int) -> torch.Tensor:
-        out = []
-        while len(out) < k:
-            if self.index >= self.n:
-                self.epoch, self.index = self.epoch + 1, 0
-                self._order = self._perm(self.epoch)
-            take = min(k - len(out), self.n - self.index)
-            out += self._order[self.index : self.index + take].tolist()
-            self.index += take
-        return torch.tensor(out)
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
 
 
 def is_chat(args) -> bool:
@@ -288,69 +265,13 @@ def prepare_data(args, tok) -> TrainingData:
     return forecasting_data(tok, trajectories, args.systems, args.data_seed, args.context_length, args.stride, args.decimals)
 
 
-# ------------------------------------------------------------------------------------ run state
-@dataclass(frozen=True)
-class RunState:
-    """Everything a checkpoint holds besides the adapter and the optimizer's moments.
-
-    It is replaced whole, only at a step boundary and in the same interrupt-free moment as the
-    update it describes, so whenever a signal arrives the weights and this state belong together.
-    """
-
-    step: int = 0
-    flops: int = 0  # coursework accounting, training and validation
-    flops_hardware: int = 0
-    tokens: int = 0  # window tokens trained on, padding included (throughput; the loss's own count is per step)
-    time: float = 0.0  # seconds of training, over all sessions
-    data: dict = field(default_factory=lambda: {"epoch": 0, "index": 0})  # BatchOrder position
-    rng: dict = field(default_factory=dict)  # torch (and CUDA) generator states after this step
-    metrics_lines: int = 0  # lines of metrics.jsonl that describe the run up to here
-    evaluated: bool = True  # False while the validation pass due after this step is still to run
-
-
-def rng_state(device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device) -> None:
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def load_checkpoint(out: Path, model, opt: AdamW) -> RunState | None:
-    """Restore the newest complete checkpoint of a run into model and optimizer; None if it has none."""
-    path = latest_checkpoint(out)
-    if path is None:
-        return None
-    damaged = f"the run cannot continue from it; start a new run, or restore {path} from a backup"
-    try:
-        raw = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path} has no {STATE_FILE}: {damaged}") from None
-    except Exception as e:  # truncated zip, bad pickle, ...: torch raises many kinds
-        raise UserError(f"{path / STATE_FILE} is corrupt ({type(e).__name__}): {damaged}") from None
-    try:
-        state = RunState(**{f.name: raw[f.name] for f in fields(RunState)})
-        opt.load_state_dict(raw["optimizer"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise UserError(f"{path / STATE_FILE} does not fit this run or this version of train.py "
-                        f"({type(e).__name__}: {e}): {damaged}") from None
-    lora.load_adapter(model, path)
-    return state
-
-
 # ------------------------------------------------------------------------------------------ steps
 def accumulated_step(model, windows, micro_batches, autocast, chunk: int, group=distributed.Group()):
     """Forward and backward over several micro-batches; the loss is averaged over all their target
     tokens together (so a micro-batch with more padding weighs less, exactly as in one big batch).
 
     Under torchrun `micro_batches` are global: this process runs its slice of each, and one all-reduce
-    then sums the gradients and loss sums (distributed.py says why that is exactly the global mean)."""
+    then sums the gradients and loss sums (training/distributed.py says why that is exactly the global mean)."""
     n_targets = int(sum(windows.target_count(idx) for idx in micro_batches))
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -467,12 +388,11 @@ def setup(args, saved: dict | None) -> Run:
                         f"processes; use a multiple of {group.world}")
     if args.compile:
         check_compiler(device)
-    # auto: what the run recorded on --resume, else measured (precision.py); config.json records it
+    # auto: what the run recorded on --resume, else measured (model/precision.py); config.json records it
     dtype = weights_dtype(args.dtype, device, args.model, [saved] if saved else [])
     use_autocast = device.type == "cuda" and dtype == torch.bfloat16
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
 
-    reuse_freed_memory()
     torch.manual_seed(args.seed)
     model, tok = load_pretrained(args.model, dtype=dtype, device=device, quantize=args.quantize)
     check_positions(args, model)
@@ -542,8 +462,7 @@ def save_checkpoint(run: Run, sync: bool = True) -> Path:
         os.fsync(run.metrics.fileno())  # the log lines this checkpoint counts reach the disk before it does
 
         def fill(folder: Path) -> None:
-            lora.save_adapter(run.model, folder)
-            torch.save({**asdict(state), "optimizer": run.opt.state_dict()}, folder / STATE_FILE)
+            save_state(folder, run.model, run.opt, state)
 
         folder = write_checkpoint(run.out, state.step, fill, keep=run.args.keep, replace=moved_on(run, state))
         run.saved = state
@@ -673,8 +592,6 @@ def answered_after(run: Run) -> bool:
 
 
 # ----------------------------------------------------------------------------- unattended runs
-LOCK_FILE = ".lock"
-_held_locks: list = []  # (open lock file, folder, created) of this process's current run (train() releases them)
 
 
 def auto_resume(args) -> str | None:
@@ -728,7 +645,7 @@ def check_unattended_args(args) -> None:
         (args.keep >= 1, "--keep must be at least 1 (the newest checkpoint is the one a run resumes from)"),
         (not (args.quantize and args.compile), "--quantize nf4 and --compile do not work together (inductor cannot "
                                               "compile the 4-bit dequantization); drop one of them"),
-        # AdamW passes lr / (1 - beta1^t) and lr * weight_decay to float32 arithmetic (optim.py)
+        # AdamW passes lr / (1 - beta1^t) and lr * weight_decay to float32 arithmetic (training/optim.py)
         (args.lr * max(1.0, args.weight_decay) / (1 - args.betas[0]) < f32_max,
          f"--lr {args.lr:g} is too large for float32 arithmetic in AdamW (lr / (1 - beta1) must stay below "
          f"{f32_max:.3g}); AdamW learning rates are far below 1"),
@@ -761,72 +678,6 @@ def seed_dropout(run: Run, step: int) -> None:
         torch.manual_seed(((run.args.seed * 1_000_003 + run.group.rank * 7_919) * 1_000_033 + step) % 2**63)
 
 
-def claim_run_folder(out: Path, group) -> None:
-    """Rank 0 makes --out a folder it can write and takes its lock; every process learns the outcome, so
-    a refusal is one line from each process instead of a traceback at the next barrier."""
-    problem = None
-    if group.is_main:
-        try:
-            lock_run_folder(out)
-        except UserError as e:
-            problem = str(e)
-    problems = [p for p in group.all_gather(problem) if p]
-    if problems:
-        raise UserError(problems[0])
-
-
-def lock_run_folder(out: Path) -> None:
-    """One run per folder: an exclusive flock on OUT/.lock, held until the run ends. The kernel drops a
-    flock when its process dies, however it dies, so a lock left by a killed process holds nothing and
-    the next run takes it over. The file names its holder (pid, host) for the message; a clean exit
-    empties it, so a name found there by the next run is a holder that was killed. Local file
-    systems only: NFS and some cluster file systems may not honour flock across machines."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder; choose another --out")
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / LOCK_FILE, "a+")
-    except OSError as e:
-        raise UserError(f"cannot create or write the run folder {out} ({e.strerror or e}); choose another --out") from None
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; the folder is not locked
-        lock.close()
-        return
-    lock.seek(0)
-    holder = lock.read().strip()
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
-        raise UserError(f"{out} is in use by another run (process {holder or '?'}); wait for it to end, "
-                        f"or choose another --out") from None
-    if holder and os.environ.get("RANK", "0") == "0":
-        print(f"note: {out} was locked by process {holder}, which ended without releasing it; taken over",
-              file=sys.stderr)
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
-    _held_locks.append((lock, out, created))
-
-
-def release_run_folder() -> None:
-    """Empty and close this process's lock files (closing releases the flock); a folder this run created
-    and left with nothing but its lock (it failed before starting) is removed."""
-    while _held_locks:
-        lock, out, created = _held_locks.pop()
-        with contextlib.suppress(OSError):
-            lock.truncate(0)
-            lock.flush()
-        lock.close()
-        if created and [p.name for p in out.iterdir()] == [LOCK_FILE]:
-            with contextlib.suppress(OSError):
-                (out / LOCK_FILE).unlink()
-                out.rmdir()
-
-
 def moved_on(run: Run, state: RunState) -> bool:
     """Has the run's state changed since the checkpoint of this same step was written (by this session,
     or the one it resumed)? Every change of state writes a metrics line, so the line count tells."""
@@ -845,15 +696,14 @@ def keep_if_best(run: Run, val: float) -> None:
         return
 
     def fill(folder: Path) -> None:
-        lora.save_adapter(run.model, folder)
-        torch.save({**asdict(run.state), "optimizer": run.opt.state_dict()}, folder / STATE_FILE)
+        save_state(folder, run.model, run.opt, run.state)
         write_json(folder / "best.json", {"step": run.state.step, "val_loss": val})
 
     write_best(run.out, fill)
 
 
 def train(argv=None) -> dict:
-    """One run; under torchrun, this process's part of it (see distributed.py)."""
+    """One run; under torchrun, this process's part of it (see training/distributed.py)."""
     caller_joined = distributed.joined()  # study.py keeps its group across runs
     try:
         return train_process(argv)
@@ -895,6 +745,10 @@ def train_process(argv) -> dict:
 
 
 def main(argv=None):
+    # A process-wide choice, made where the process starts: glibc keeps freed activation memory for the
+    # next step instead of handing it back to the OS and faulting it in again (training/memory.py says
+    # why, and what it costs; a user's own GLIBC_TUNABLES win). study.py's main makes the same choice.
+    reuse_freed_memory()
     train(argv)
 
 

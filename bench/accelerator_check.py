@@ -50,7 +50,7 @@ import _util  # noqa: F401  (puts the repository on sys.path)
 import torch
 
 from _util import ROOT, machine, matmul_peak, peak_memory, qwen_shape, random_qwen, reset_peak_memory, sync
-from common import parse_device
+from common.devices import parse_device
 
 TARGETS = ("q_proj", "v_proj")  # LoRA of the timed steps, as bench/train_step.py
 PARITY_LIMITS = {"float32": 1e-3, "bfloat16": 0.1}  # largest difference / largest value
@@ -193,7 +193,7 @@ def train_step(ctx: Context, quantize: bool = False, compile_blocks: bool = Fals
     import train
     from data.windows import TokenWindows
     from model.nf4 import quantize_projections
-    from optim import AdamW
+    from training.optim import AdamW
 
     args = ctx.args
     model = ctx.build(torch.bfloat16)
@@ -356,7 +356,7 @@ def main(argv=None) -> list[Row]:
     rows = run_checks(ctx, args.only)
     print_table(ctx, rows)
     if args.json:
-        from common import write_json
+        from common.files import write_json
 
         write_json(args.json, {"machine": machine(), "device": str(device), "args": vars(args),
                                "bf16_peak_flops": ctx.peak, "rows": [asdict(r) for r in rows]})

@@ -6,7 +6,7 @@ pytorch#162338: on gloo, FSDP2's reduce-scatter asked for ReduceOp.AVG, which gl
 and gradients came back summed over the processes (world-size times too large) without an error.
 This script trains nothing: two processes hold different inputs, and their sharded gradients are
 compared with the gradient of the mean loss computed in one process. train.py does not use FSDP (see
-distributed.py); this records whether it could, on CPU, with the torch installed here.
+training/distributed.py); this records whether it could, on CPU, with the torch installed here.
 """
 
 from __future__ import annotations

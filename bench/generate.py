@@ -21,7 +21,7 @@ import _util  # noqa: F401
 import torch
 
 from _util import QWEN_SHAPE, append_result, copy_bandwidth, machine, random_qwen, sync
-from common import parse_device
+from common.devices import parse_device
 
 
 def build_ours(dtype, device):

@@ -26,7 +26,7 @@ import _util  # noqa: F401  (puts the repository on sys.path)
 import torch
 
 from _util import append_result, machine, random_qwen
-from common import parse_device
+from common.devices import parse_device
 
 LOADS = ("ours (load_model)", "ours, NF4 (QLoRA)")
 

@@ -95,7 +95,7 @@ def main():
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--rows", type=int, default=18)
     args = p.parse_args()
-    from common import reuse_freed_memory
+    from training.memory import reuse_freed_memory
 
     reuse_freed_memory()
     info = machine()

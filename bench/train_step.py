@@ -30,13 +30,13 @@ import torch
 
 from _util import (append_result, machine, matmul_peak, peak_memory, qwen_shape, random_qwen, reset_peak_memory,
                    summarize, sync)
-from common import parse_device
+from common.devices import parse_device
 
 
 def build_ours(dtype, device, quantize: bool = False, layers: int | None = None):
     import lora
     from model.nf4 import quantize_projections
-    from optim import AdamW
+    from training.optim import AdamW
 
     model = random_qwen(scale=0.05, layers=layers).to(dtype=dtype, device=device)  # 0.05: sane activations in 24 random layers
     if quantize:
@@ -84,7 +84,7 @@ def worker(side: str, conn, dtype_name: str, device_name: str, batch: int, seq: 
     if threads:
         torch.set_num_threads(threads)
     if (side != "reference" or plain) and reuse_memory:
-        from common import reuse_freed_memory
+        from training.memory import reuse_freed_memory
 
         reuse_freed_memory()  # as train.py does
     dtype, device = getattr(torch, dtype_name), torch.device(device_name)

@@ -66,7 +66,7 @@ def parse_args(argv=None):
 def train_variant(args, name: str) -> Path:
     """Train (or resume, or keep) OUT/<name>; return its folder."""
     import train
-    from checkpoints import latest_checkpoint
+    from training.checkpoints import latest_checkpoint
 
     folder = Path(args.out) / name
     shared = ["--model", args.model, *(["--data", args.data] if args.data else []), "--lr", str(args.lr),
@@ -96,16 +96,15 @@ def forecast_errors(args, folder: Path, base, tok) -> dict:
     """Greedy forecasts of the validation systems with the saved adapter on a fresh copy of the base."""
     import eval as ev
     import lora
-    from common import read_json
+    from common.files import read_json
     from data import Scaler, forecast_task
-    from types import SimpleNamespace
 
     cfg = read_json(folder / "config.json", what="run config")
     model = copy.deepcopy(base)
     lora.load_adapter(model, folder)
     model.eval()
-    ns = SimpleNamespace(data=None, data_seed=0, systems=args.eval_systems, split="val")
-    values, _, _, _ = ev.evaluation_values(ns, {folder.name: (None, cfg)})
+    dataset, split, _ = ev.trained_data([cfg])
+    values = ev.split_systems(dataset, split, "val", args.eval_systems)
     scaler, decimals = Scaler.from_dict(cfg["scaler"]), int(cfg["args"]["decimals"])
     task = forecast_task(values, scaler, decimals, args.eval_context_steps, args.horizon)
     texts = ev.generate_forecasts(model, tok, task.prompts, args.horizon, decimals)
@@ -124,7 +123,8 @@ def summarize(args, name: str, folder: Path, base, tok) -> dict:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    from common import parse_device, weights_dtype
+    from common.devices import parse_device
+    from model.precision import weights_dtype
     from model import load_pretrained
 
     folders = {name: train_variant(args, name) for name in args.variants}
@@ -142,7 +142,7 @@ def main(argv=None) -> list[dict]:
     for r in rows:
         print(f"| {r['variant']} | {r['flags']} | {r['steps']} | {r['flops']:.3e} | {r['val_loss']:.4f} | "
               f"{r['val_mae']:.4f} | {r['val_mse']:.4f} | {r['s_per_step']:.3f} |")
-    from common import write_json
+    from common.files import write_json
 
     write_json(Path(args.out) / "variants.json", {"settings": {k: v for k, v in vars(args).items()}, "machine": info,
                                                   "results": rows})
@@ -150,6 +150,6 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from common import run_cli
+    from common.cli import run_cli
 
     run_cli(main)

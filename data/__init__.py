@@ -4,9 +4,9 @@ conversations from JSONL (chat.py). Both become `TrainingData` (windows.py)."""
 import sys
 
 if sys.argv[:1] == ["-m"]:  # `python -m data.…` is starting (argv[0] is "-m" until the module is found):
-    import startup          # Ctrl-C while torch loads is one line (startup.py)
+    from common.startup import quiet_ctrl_c  # Ctrl-C while torch loads is one line
 
-    startup.quiet_ctrl_c()
+    quiet_ctrl_c()
 
 from .llmtime import Decoded, Scaler, decode, encode
 from .lotka_volterra import Trajectories, load_h5, load_trajectories, save_h5, simulate, split_indices

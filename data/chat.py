@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import UserError
+from common.cli import UserError
 
 from .windows import TokenWindows, TrainingData
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import UserError, atomic_path, run_cli
+from common.cli import UserError, run_cli
+from common.files import atomic_path
 
 PARAM_RANGES = {"alpha": (0.1, 0.4), "beta": (0.2, 0.8), "gamma": (0.1, 0.4), "delta": (0.1, 0.3)}
 INITIAL_RANGE = (0.8, 1.2)
@@ -53,7 +54,7 @@ def lv_rhs(state: np.ndarray, params: np.ndarray) -> np.ndarray:
 
 
 def rk4_step(state: np.ndarray, params: np.ndarray, h: float) -> np.ndarray:
-    """One classic RK4 step of size h from state (..., 2) (forecast_baselines.py's fit steps with it too)."""
+    """One classic RK4 step of size h from state (..., 2) (forecast/baselines.py's fit steps with it too)."""
     k1 = lv_rhs(state, params)
     k2 = lv_rhs(state + 0.5 * h * k1, params)
     k3 = lv_rhs(state + 0.5 * h * k2, params)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import UserError
+from common.cli import UserError
 
 from .llmtime import STEP_SEP, Scaler, encode
 from .lotka_volterra import split_indices

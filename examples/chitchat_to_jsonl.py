@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import UserError, atomic_path, run_cli  # noqa: E402
+from common.cli import UserError, run_cli  # noqa: E402
+from common.files import atomic_path
 
 
 def dialogue_messages(dialogue: dict) -> list[dict]:

@@ -4,9 +4,9 @@ then the variants: dora.py (DoRA), init.py (PiSSA/OLoRA starts), loraplus.py (Lo
 import sys
 
 if sys.argv[:1] == ["-m"]:  # `python -m lora.…` is starting (argv[0] is "-m" until the module is found):
-    import startup          # Ctrl-C while torch loads is one line (startup.py)
+    from common.startup import quiet_ctrl_c  # Ctrl-C while torch loads is one line
 
-    startup.quiet_ctrl_c()
+    quiet_ctrl_c()
 
 from .dora import DoRALinear
 from .init import check_init

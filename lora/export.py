@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 
-from common import parse_dtype, run_cli
+from common.cli import run_cli
+from common.devices import parse_dtype
 from model import DEFAULT_MODEL, load_config, load_pretrained
 from model.ggml_quant import TYPES as GGUF_TYPES
-from runs import base_for
+from training.runs import base_for
 
 from .gguf_export import export_adapter_gguf, export_gguf
 from .inject import merge_and_export

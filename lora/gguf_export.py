@@ -34,13 +34,13 @@ from pathlib import Path
 
 import torch
 
-from common import UserError
+from common.cli import UserError
 from model.config import ModelConfig
 from model.gguf_export import rope_interleave, tensor_name, write_gguf, write_gguf_file
 from model.nf4 import NF4Weight
 from model.transformer import Transformer
 
-from .inject import lora_modules
+from .layer import lora_modules
 from .peft_format import read_adapter
 
 

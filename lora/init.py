@@ -28,7 +28,9 @@ import re
 import torch
 from torch import nn
 
-from common import UserError
+from common.cli import UserError
+
+from .layer import lora_modules
 
 INITS = "kaiming, gaussian, pissa, pissa_niter_K (K a whole number) or olora"
 CONVERTED = ("pissa", "olora")  # inits that move W, whose adapters are saved converted
@@ -66,15 +68,17 @@ def initialise(layer, init: str) -> None:
 
 
 def pissa_factors(W: torch.Tensor, r: int, scaling: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) with s·BA = W's best rank-r approximation: the singular values split as √(S/s) on each side."""
+    """(A, B) with s·BA = W's best rank-r approximation: the top r singular values, divided by s, split
+    as their square roots between the two sides."""
     if init == "pissa":
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # (out, k), (k,), (k, in)
-        Ur, Sr, Vhr = U[:, :r], S[:r] / scaling, Vh[:r]
-    else:
-        Ur, Sr, V = torch.svd_lowrank(W, r, niter=int(init.split("_niter_")[1]))  # (out, r), (r,), (in, r)
-        Sr, Vhr = Sr / scaling, V.t()
-    A = torch.diag(torch.sqrt(Sr)) @ Vhr  # (r, r) @ (r, in)
-    B = Ur @ torch.diag(torch.sqrt(Sr))  # (out, r) @ (r, r)
+        left, sigma, right_t = torch.linalg.svd(W, full_matrices=False)  # W = left diag(sigma) right_t: (out, k), (k,), (k, in)
+        left, sigma, right_t = left[:, :r], sigma[:r], right_t[:r]
+    else:  # a randomized SVD of the top r only
+        left, sigma, right = torch.svd_lowrank(W, r, niter=int(init.split("_niter_")[1]))  # (out, r), (r,), (in, r)
+        right_t = right.t()
+    root = torch.diag(torch.sqrt(sigma / scaling))  # (r, r)
+    A = root @ right_t  # (r, r) @ (r, in)
+    B = left @ root  # (out, r) @ (r, r)
     return A, B
 
 
@@ -91,8 +95,6 @@ def converted_alpha(alpha: float, use_rslora: bool) -> float:
 
 def convert_for_original_base(model, tensors: dict[str, torch.Tensor], cfg: dict) -> tuple[dict, dict]:
     """(tensors, config) of the rank-2r adapter that applies to the original base: A' = [A; A0], B' = [B, -B0]."""
-    from .inject import lora_modules
-
     out = dict(tensors)
     for name, m in lora_modules(model).items():
         out[f"{name}.lora_A.weight"] = torch.cat([tensors[f"{name}.lora_A.weight"], m.initial_A.cpu()], dim=0)  # (2r, in)
@@ -113,8 +115,6 @@ def is_converted_for(model, cfg: dict) -> bool:
 def unconvert(model, tensors: dict[str, torch.Tensor], path) -> dict[str, torch.Tensor]:
     """A and B back from a converted adapter; its A0, B0 halves must be this model's own initial ones,
     or the residual W computed now is not the one the adapter was trained on."""
-    from .inject import lora_modules
-
     out, r = dict(tensors), model.lora_config["r"]
     for name, m in lora_modules(model).items():
         A2, B2 = tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"]  # (2r, in), (out, 2r)

@@ -7,13 +7,13 @@ import os
 import torch
 from torch import nn
 
-from common import UserError
+from common.cli import UserError
 from model.nf4 import NF4Weight
 from model.transformer import Transformer
 
 from .dora import DoRALinear
 from .init import check_init, initialise, moves_base
-from .layer import LoRALinear
+from .layer import LoRALinear, lora_modules
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -35,10 +35,6 @@ def parse_targets(targets) -> tuple[str, ...]:
     if unknown or not targets:
         raise UserError(f"unknown LoRA target(s) {unknown or targets}; choose from {', '.join(ALL_TARGETS)} or 'all'")
     return tuple(t for t in ALL_TARGETS if t in targets)  # canonical order
-
-
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import UserError
+from common.cli import UserError
 from model.nf4 import NF4Weight
 
 
@@ -94,3 +94,8 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.rank}, alpha={self.alpha}, " \
                f"scaling={self.scaling:.4g}, merged={self.merged}"
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """The model's adapted projections by name (DoRA's layers are LoRALinear too)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from common import UserError
+from common.cli import UserError
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 

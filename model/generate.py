@@ -60,23 +60,47 @@ def sample_next(logits: torch.Tensor, temperature: float,
     return index.clamp(max=probs.shape[-1] - 1)
 
 
-def restricted_head(model: Transformer, allowed: torch.Tensor | None):
-    """lm_head cut down to the allowed tokens' rows: (weight (A, D), bias (A,) or None), or None when
-    there is nothing to cut. Constrained decoding (LLMTIME's 15 tokens of 151,936) then skips the rest
-    of the vocabulary, a quarter of Qwen2.5-0.5B's work per token, and samples from the very same
-    distribution: a softmax over the allowed logits is the renormalised full one."""
-    head = model.lm_head
-    if allowed is None or type(head) is not torch.nn.Linear:
-        return None
-    return head.weight[allowed], None if head.bias is None else head.bias[allowed]
+class LogitSpace:
+    """The space the next token is chosen in, one of two.
 
+    Plain: lm_head over the whole vocabulary. The logits are (rows, V), indexed by token id; tokens that
+    may not be chosen (the embedding's padding rows past `vocab_limit`, anything outside `allowed`) are
+    set to -inf by `process_logits`, and the chosen index is the token id.
 
-def next_logits(model: Transformer, ids, pad_mask, cache, head) -> torch.Tensor:
-    """Logits (B, V) of the next token, or (B, A) over the allowed tokens when `head` is cut."""
-    if head is None:
-        return model(ids, pad_mask=pad_mask, cache=cache, last_only=True)[:, -1]  # (B, V)
-    h = model.hidden_states(ids, pad_mask, cache)[:, -1]  # (B, D)
-    return torch.nn.functional.linear(h, *head).float()  # (B, A)
+    Allowed only: when decoding is constrained to a few tokens (LLMTIME's 15 of Qwen2.5's 151,936) and
+    lm_head is a plain Linear, only the allowed tokens' rows of lm_head are computed. The logits are
+    (rows, A), indexed by position in `allowed`, so a chosen position becomes a token id through
+    `allowed[position]`. This skips the rest of the vocabulary, a quarter of Qwen2.5-0.5B's work per
+    token, and samples the very same distribution: a softmax over the allowed logits is the
+    renormalised full one (tests/test_eval.py checks both spaces choose the same tokens).
+    """
+
+    def __init__(self, model: Transformer, allowed: torch.Tensor | None, vocab_limit: int | None):
+        self.allowed, self.vocab_limit = allowed, vocab_limit  # allowed: (A,) token ids, or None
+        head = model.lm_head
+        self.rows = None  # (weight (A, D), bias (A,) or None): lm_head's allowed rows, in the second space
+        if allowed is not None and type(head) is torch.nn.Linear:
+            self.rows = head.weight[allowed], None if head.bias is None else head.bias[allowed]
+
+    @property
+    def allowed_only(self) -> bool:
+        return self.rows is not None
+
+    def next_logits(self, model: Transformer, ids, pad_mask, cache) -> torch.Tensor:
+        """Logits of the next token: (B, V) by token id, or (B, A) by position in `allowed`."""
+        if not self.allowed_only:
+            return model(ids, pad_mask=pad_mask, cache=cache, last_only=True)[:, -1]  # (B, V)
+        h = model.hidden_states(ids, pad_mask, cache)[:, -1]  # (B, D)
+        return torch.nn.functional.linear(h, *self.rows).float()  # (B, D) @ (D, A) -> (B, A)
+
+    def choose(self, logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+               generator) -> torch.Tensor:
+        """(rows,) token ids chosen from `next_logits`' output."""
+        if not self.allowed_only:
+            logits = process_logits(logits, temperature, top_k, top_p, self.vocab_limit, self.allowed)
+            return sample_next(logits, temperature, generator)  # indices are token ids
+        position = sample_next(process_logits(logits, temperature, top_k, top_p), temperature, generator)
+        return self.allowed[position]  # positions in `allowed` -> token ids
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,11 +139,11 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     ids, pad_mask = left_padded(prompts, pad_id, device)  # (B, T) each
     (B, T), rows = ids.shape, len(prompts) * samples
     allowed = torch.tensor(list(allowed_ids), device=device) if allowed_ids is not None else None
-    head = restricted_head(model, allowed)
+    space = LogitSpace(model, allowed, vocab_limit)
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
 
     cache = KVCache(model.config, B, T + max_new_tokens, dtype, device)
-    logits = next_logits(model, ids, None if pad_mask.all() else pad_mask, cache, head)  # (B, V or A)
+    logits = space.next_logits(model, ids, None if pad_mask.all() else pad_mask, cache)  # (B, V or A)
     if samples > 1:  # every sample starts from its prompt's cache and logits
         cache.repeat_rows(samples)
         logits = logits.repeat_interleave(samples, dim=0)  # (B * samples, V or A)
@@ -127,13 +151,9 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     if stats is not None:
         stats.update(batch=B, prompt_len=T, decode_steps=0, samples=samples,
-                     head_vocab=len(allowed) if head is not None else 0)
+                     head_vocab=len(allowed) if space.allowed_only else 0)
     for step in range(max_new_tokens):
-        if head is None:
-            logits = process_logits(logits, temperature, top_k, top_p, vocab_limit, allowed)
-            token = sample_next(logits, temperature, generator)  # (rows,)
-        else:  # the logits are the allowed tokens' already
-            token = allowed[sample_next(process_logits(logits, temperature, top_k, top_p), temperature, generator)]
+        token = space.choose(logits, temperature, top_k, top_p, generator)  # (rows,) token ids
         is_end = torch.isin(token, eos) & ~done
         for i in torch.nonzero(~done & ~is_end).flatten().tolist():
             out[i].append(int(token[i]))
@@ -144,7 +164,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
         done |= is_end
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        logits = next_logits(model, token[:, None], None, cache, head)  # (rows, V or A)
+        logits = space.next_logits(model, token[:, None], None, cache)  # (rows, V or A)
         if stats is not None:
             stats["decode_steps"] += 1
     return out

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from common import UserError, atomic_path
+from common.cli import UserError
+from common.files import atomic_path
 
 from .config import ModelConfig
 from .ggml_quant import TYPES, encode

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from common import UserError
+from common.cli import UserError
 
 # llama.cpp's convert_hf_to_gguf.py `get_vocab_base_pre`: this text's token ids, hashed, name the pre-tokenizer.
 CHECK_TEXT = (

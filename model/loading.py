@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from common import UserError, atomic_path, read_json, write_json
+from common.cli import UserError
+from common.files import atomic_path, read_json, write_json
 
 from .config import ModelConfig
 from .nf4 import NF4Weight, quantize_projections

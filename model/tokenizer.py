@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from common import UserError, write_json
+from common.cli import UserError
+from common.files import write_json
 
 
 class Tokenizer:

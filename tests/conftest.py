@@ -8,7 +8,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
-# --dtype auto on the CPU measures bf16 against fp32 (precision.py); the suite pins it to fp32 so that its
+# --dtype auto on the CPU measures bf16 against fp32 (model/precision.py); the suite pins it to fp32 so that its
 # numbers do not depend on the machine. tests/test_precision.py unsets it and mocks the measurement.
 os.environ["QWEN_LORA_CPU_DTYPE"] = "float32"
 

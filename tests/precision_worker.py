@@ -3,7 +3,7 @@ processes import little (not train.py and the rest)."""
 
 import os
 
-import precision
+from model import precision
 
 FAST_BF16 = {"float32": 200.0, "bfloat16": 700.0}
 SLOW_BF16 = {"float32": 220.0, "bfloat16": 140.0}

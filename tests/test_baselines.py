@@ -1,10 +1,10 @@
-"""forecast_baselines.py: each baseline does what its name says, and none reads past the context."""
+"""forecast/baselines.py: each baseline does what its name says, and none reads past the context."""
 
 import numpy as np
 import pytest
 
 import eval as ev
-import forecast_baselines as fb
+import forecast.baselines as fb
 from data import Scaler, simulate
 from data.lotka_volterra import integrate_rk4
 from data.windows import forecast_task

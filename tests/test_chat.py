@@ -238,7 +238,7 @@ def test_resume_is_exact_on_chat_data(tmp_path, monkeypatch):
 
 
 def test_eval_prompts_write_before_and_after_answers(tmp_path):
-    from eval_prompts import answer, encode_prompts
+    from training.eval_prompts import answer, encode_prompts
 
     data = small_chat_file(tmp_path)
     prompts = tmp_path / "prompts.txt"
@@ -395,7 +395,7 @@ def test_sample_chat_one_prompt_with_an_adapter(tmp_path, capsys):
 
 def test_eval_py_on_a_chat_run_says_what_to_use_instead(tmp_path):
     import eval as ev
-    from common import UserError
+    from common.cli import UserError
 
     chat_run(tmp_path, small_chat_file(tmp_path), "--steps", "1")
     with pytest.raises(UserError, match="trained on chat data .* sample.py --chat"):
@@ -433,7 +433,7 @@ def test_real_chitchat_dialogues_on_qwens_tokenizer(tmp_path):
 
 def test_study_py_refuses_chat_data():
     import study
-    from common import UserError
+    from common.cli import UserError
 
     with pytest.raises(UserError, match="forecasting study"):
         study.parse_args(["--data", "chats.jsonl"])

@@ -13,13 +13,13 @@ import time
 import pytest
 import torch
 
-import checkpoints
 import lora
 import train
-from checkpoints import latest_checkpoint
-from common import UserError, run_cli
+from common.cli import UserError, run_cli
 from model import load_model, save_pretrained
 from model.tiny import tiny_model, tiny_tokenizer
+from training import checkpoints
+from training.checkpoints import latest_checkpoint
 from tests.conftest import ROOT
 from tests.test_train import TINY, assert_same_run, records, run, trainer_state
 
@@ -28,8 +28,9 @@ from tests.test_train import TINY, assert_same_run, records, run, trainer_state
 DRIVER = r"""
 import os, signal, sys
 sys.path.insert(0, os.getcwd())
-import checkpoints, train
-from common import run_cli
+import train
+from training import checkpoints
+from common.cli import run_cli
 
 die_at, calls = int(os.environ.get("DIE_AT_FSYNC", "0")), [0]
 real_fsync = checkpoints.fsync

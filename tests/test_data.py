@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from common import UserError
+from common.cli import UserError
 from data import (Scaler, decode, encode, forecast_task, load_h5, make_windows, save_h5, simulate, split_indices,
                   trajectory_texts, window_starts)
 from data.lotka_volterra import INITIAL_RANGE, integrate_rk4, sample_systems

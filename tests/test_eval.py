@@ -8,9 +8,10 @@ import torch
 
 import eval as ev
 import train
-from common import UserError
+from common.cli import UserError
 from data import Scaler, simulate
 from data.windows import forecast_task
+from forecast.baselines import naive_last, naive_linear
 from model import generate, load_tokenizer
 from model.tiny import tiny_model
 
@@ -38,8 +39,8 @@ def test_median_of_samples():
 
 def test_baselines():
     context = np.array([[[1.0, 5.0], [2.0, 4.0]]])  # one system, 2 steps
-    assert ev.naive_last(context, 3)[0].tolist() == [[2.0, 4.0]] * 3
-    assert ev.naive_linear(context, 3)[0].tolist() == [[3.0, 3.0], [4.0, 2.0], [5.0, 1.0]]
+    assert naive_last(context, 3)[0].tolist() == [[2.0, 4.0]] * 3
+    assert naive_linear(context, 3)[0].tolist() == [[3.0, 3.0], [4.0, 2.0], [5.0, 1.0]]
 
 
 @pytest.mark.parametrize("text, expected, invalid, short", [
@@ -131,15 +132,39 @@ def test_samples_continue_copies_of_their_prompts_cache():
 
 
 def test_constrained_head_computes_the_allowed_logits():
-    from model.generate import next_logits, restricted_head
+    from model.generate import LogitSpace
     from model.transformer import KVCache
 
     model, tok = tiny_model(), load_tokenizer("tiny")
     allowed = torch.tensor(ev.allowed_token_ids(tok))
     ids = torch.tensor([tok.encode("0.50,0.70;0.52,")])
-    full = next_logits(model, ids, None, KVCache(model.config, 1, 20, torch.float32, "cpu"), None)
-    cut = next_logits(model, ids, None, KVCache(model.config, 1, 20, torch.float32, "cpu"), restricted_head(model, allowed))
-    torch.testing.assert_close(cut, full[:, allowed])
+    plain, cut = LogitSpace(model, None, None), LogitSpace(model, allowed, None)
+    assert cut.allowed_only and not plain.allowed_only
+    full = plain.next_logits(model, ids, None, KVCache(model.config, 1, 20, torch.float32, "cpu"))
+    only = cut.next_logits(model, ids, None, KVCache(model.config, 1, 20, torch.float32, "cpu"))
+    torch.testing.assert_close(only, full[:, allowed])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_both_logit_spaces_choose_the_same_tokens(temperature):
+    """The plain step (all V logits, forbidden ones at -inf, index = token id) and the fast one (the A
+    allowed logits, position -> allowed[position]) choose the same tokens from the same streams."""
+    from model.generate import LogitSpace
+
+    model, tok = uncertain_model(), load_tokenizer("tiny")
+    allowed = torch.tensor(sorted(ev.allowed_token_ids(tok)))
+    plain = LogitSpace(model, None, None)
+    plain.allowed = allowed  # the plain space with the same constraint, applied by masking
+    cut = LogitSpace(model, allowed, None)
+    full = torch.randn(64, model.config.vocab_size, generator=torch.Generator().manual_seed(0)) * 3
+
+    def streams():
+        return [torch.Generator().manual_seed(j) for j in range(64)]
+
+    a = plain.choose(full, temperature, None, None, streams())
+    b = cut.choose(full[:, allowed], temperature, None, None, streams())
+    assert torch.equal(a, b) and set(a.tolist()) <= set(allowed.tolist())
+    assert temperature == 0 or len(set(a.tolist())) > 3  # sampled, not a constant
 
 
 def test_samples_of_one_system_are_independent_draws():

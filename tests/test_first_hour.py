@@ -25,12 +25,12 @@ import lora
 import sample
 import study
 import train
-from common import ReportedInterrupt, UserError, format_perplexity, run_cli
+from common.cli import ReportedInterrupt, UserError, format_perplexity, run_cli
 from lora import export
 from model import load_model, save_pretrained
 from model.tiny import tiny_config, tiny_model, tiny_tokenizer
 from model.transformer import Transformer
-from runs import base_for
+from training.runs import base_for
 from tests.conftest import ROOT
 
 TINY = ["--model", "tiny", "--systems", "30", "--context-length", "128", "--batch-size", "2", "--eval-batches", "1"]
@@ -134,7 +134,7 @@ time.sleep(60)
 """
 
 
-@pytest.mark.parametrize("script", ["train.py", "eval.py", "sample.py", "study.py", "flops.py", "-m lora.export",
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "sample.py", "study.py", "-m lora.export",
                                     "-m data.lotka_volterra"])
 def test_ctrl_c_while_torch_imports_is_one_line(tmp_path, script):
     """A stand-in torch that waits is imported first; SIGINT then lands inside the imports, as a
@@ -146,6 +146,14 @@ def test_ctrl_c_while_torch_imports_is_one_line(tmp_path, script):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert err == "interrupted\n" and proc.returncode in (-signal.SIGINT, 130)
+
+
+def test_flops_help_needs_no_torch(tmp_path):
+    """flops.py imports torch only where it counts: its --help comes without the stand-in torch."""
+    (tmp_path / "torch.py").write_text(SHADOW_TORCH)
+    out = subprocess.run([sys.executable, "flops.py", "--help"], cwd=ROOT, env={"PYTHONPATH": str(tmp_path)},
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.startswith("usage: flops.py") and "importing" not in out.stdout
 
 
 def test_an_interrupt_train_reported_is_not_reported_twice(tmp_path, capsys, monkeypatch):
@@ -409,18 +417,18 @@ def test_every_documented_command_parses_with_its_scripts_parser(doc, line, comm
 
 
 def offline_commands(doc: str) -> list[tuple[str, str | None]]:
-    """The commands of a document that need only the tiny model (README.md: of its quick start), in order."""
+    """The commands of a document that need only the tiny model (README.md: of its first runs), in order."""
     lines = (ROOT / doc.replace("first_hour.md", "docs/first_hour.md")).read_text().splitlines()
     first, last = 0, len(lines)
     if doc == "README.md":
-        first = lines.index("## Quick start")
+        first = lines.index("## First runs")
         last = next(i for i in range(first + 1, len(lines)) if lines[i].startswith("## "))
     return [(c, error) for d, n, c, error in COMMANDS if d == doc and first < n <= last and "tiny" in c]
 
 
 @pytest.mark.parametrize("doc", ["README.md", "first_hour.md"])
 def test_the_offline_commands_run_as_printed(tmp_path, monkeypatch, capsys, doc):
-    """Every command of the quick start and of docs/first_hour.md that needs no download, run as printed
+    """Every command of the README's first runs and of docs/first_hour.md that needs no download, run as printed
     one after the other in an empty folder (beside the shipped examples/); a command shown ending in an
     error ends in exactly that error."""
     commands = offline_commands(doc)

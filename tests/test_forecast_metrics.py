@@ -1,10 +1,10 @@
-"""forecast_metrics.py: MASE, bootstrap intervals, paired differences, CRPS and coverage on hand-made cases."""
+"""forecast/metrics.py: MASE, bootstrap intervals, paired differences, CRPS and coverage on hand-made cases."""
 
 import numpy as np
 import pytest
 
 import eval as ev
-import forecast_metrics as fm
+import forecast.metrics as fm
 
 
 def test_mase_on_a_hand_made_case():

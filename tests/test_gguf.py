@@ -25,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 
 import lora  # noqa: E402
 import train  # noqa: E402
-from common import UserError  # noqa: E402
+from common.cli import UserError  # noqa: E402
 from lora import export as export_cli  # noqa: E402
 from lora.gguf_export import export_adapter_gguf, export_gguf, merged_tensors  # noqa: E402
 from model import load_model, load_tokenizer  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lora
-from common import UserError
+from common.cli import UserError
 from model import load_model
 from model.tiny import tiny_model
 from tests.hf_twins import twin

@@ -11,9 +11,9 @@ from peft.optimizers import create_loraplus_optimizer
 from safetensors.torch import load_file
 
 import lora
-from common import UserError
+from common.cli import UserError
 from model import load_model
-from optim import AdamW
+from training.optim import AdamW
 from tests.hf_twins import twin
 
 IDS = torch.randint(0, 79, (2, 13), generator=torch.Generator().manual_seed(2))
@@ -451,9 +451,10 @@ def test_study_grid_varies_on_off_flags_and_variants(tmp_path):
     assert [(a.dora, a.init) for a in resolved] == [(False, "kaiming"), (False, "pissa"), (True, "kaiming"),
                                                     (True, "pissa")]
     assert "--no-dora" in study.train_argv(args, runs[0], Path("-"))
-    plain, pissa, dora = (study.projected_flops(args, r) for r in runs[:3])
+    pricing = study.Pricing(args.model)
+    plain, pissa, dora = (study.projected_flops(args, r, pricing) for r in runs[:3])
     with pytest.raises(UserError, match="grid-doratrue-initpissa: DoRA with --init pissa is not supported"):
-        study.projected_flops(args, runs[3])  # refused while planning, before any run trains
+        study.projected_flops(args, runs[3], pricing)  # refused while planning, before any run trains
     assert dora["train"] > plain["train"] == pissa["train"]  # DoRA's norms cost; PiSSA's start does not
     assert pissa["forecast"] > plain["forecast"]  # its converted adapter runs at rank 2r
     with pytest.raises(UserError, match="'dora' is on or off; give its values as 0,1"):

@@ -8,7 +8,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from common import UserError
+from common.cli import UserError
 from model import KVCache, generate, load_model, load_tokenizer, save_pretrained
 from model.tiny import tiny_model
 from tests.conftest import QWEN_DIR, needs_qwen_files

@@ -7,7 +7,7 @@ import torch
 
 import lora
 import train
-from common import UserError
+from common.cli import UserError
 from model import load_model, save_pretrained
 from model import nf4
 from model.nf4 import (NF4_CODE, NF4_MIDPOINTS, NF4Linear, NF4Weight, dynamic_map_8bit, nf4_codes, nf4_codes_by_search,

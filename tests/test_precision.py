@@ -1,4 +1,4 @@
-"""--dtype auto (precision.py): the choice on mocked measurements, what wins over it, and that a run
+"""--dtype auto (model/precision.py): the choice on mocked measurements, what wins over it, and that a run
 records it and keeps it on --resume, eval.py and sample.py. The real measurement is only run for its
 shape (two positive rates), never judged for speed."""
 
@@ -7,10 +7,9 @@ import json
 import pytest
 import torch
 
-import common
-import precision
 import train
-from common import UserError
+from common.cli import UserError
+from model import precision
 from tests.test_train import TINY
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -35,13 +34,13 @@ def measured(monkeypatch):
 
 
 def test_fast_bf16_gives_bf16_slow_gives_fp32_and_it_is_said(measured, capsys):
-    assert common.weights_dtype("auto", CPU, "tiny") == torch.bfloat16
+    assert precision.weights_dtype("auto", CPU, "tiny") == torch.bfloat16
     err = capsys.readouterr().err
     assert "--dtype auto: bfloat16 (bf16 matmuls 700 GFLOP/s, fp32 200 (3.50x)" in err and "--dtype float32" in err
     assert measured["calls"] == [(64, 176)]  # the tiny model's own MLP shapes
     precision.cpu_choice.cache_clear()
     measured["rates"] = SLOW_BF16
-    assert common.weights_dtype("auto", CPU, "tiny") == torch.float32
+    assert precision.weights_dtype("auto", CPU, "tiny") == torch.float32
     assert "--dtype auto: float32" in capsys.readouterr().err
 
 
@@ -53,29 +52,29 @@ def test_the_margin_decides_a_bf16_only_slightly_faster():
 
 def test_measured_once_per_process_and_shape(measured):
     for _ in range(3):
-        common.weights_dtype("auto", CPU, "tiny")
-    common.weights_dtype("auto", CPU)  # no model: Qwen2.5-0.5B's shapes
+        precision.weights_dtype("auto", CPU, "tiny")
+    precision.weights_dtype("auto", CPU)  # no model: Qwen2.5-0.5B's shapes
     assert measured["calls"] == [(64, 176), precision.QWEN_MLP]
 
 
 def test_cuda_is_bf16_mps_fp32_and_an_explicit_dtype_always_wins_without_measuring(measured):
-    assert common.weights_dtype("auto", CUDA) == torch.bfloat16
-    assert common.weights_dtype("auto", torch.device("mps")) == torch.float32
-    assert common.weights_dtype("float32", CPU, "tiny") == torch.float32
+    assert precision.weights_dtype("auto", CUDA) == torch.bfloat16
+    assert precision.weights_dtype("auto", torch.device("mps")) == torch.float32
+    assert precision.weights_dtype("float32", CPU, "tiny") == torch.float32
     measured["rates"] = SLOW_BF16
-    assert common.weights_dtype("bfloat16", CPU, "tiny") == torch.bfloat16
-    assert common.weights_dtype("float32", CUDA) == torch.float32
+    assert precision.weights_dtype("bfloat16", CPU, "tiny") == torch.bfloat16
+    assert precision.weights_dtype("float32", CUDA) == torch.float32
     assert measured["calls"] == []
 
 
 def test_the_environment_pins_auto(measured, monkeypatch):
     monkeypatch.setenv(precision.PIN_ENV, "bfloat16")
     measured["rates"] = SLOW_BF16
-    assert common.weights_dtype("auto", CPU, "tiny") == torch.bfloat16 and measured["calls"] == []
+    assert precision.weights_dtype("auto", CPU, "tiny") == torch.bfloat16 and measured["calls"] == []
     precision.cpu_choice.cache_clear()
     monkeypatch.setenv(precision.PIN_ENV, "fp8")
     with pytest.raises(UserError, match="QWEN_LORA_CPU_DTYPE='fp8'"):
-        common.weights_dtype("auto", CPU, "tiny")
+        precision.weights_dtype("auto", CPU, "tiny")
 
 
 def test_the_real_measurement_gives_two_rates_and_gives_up_on_a_slow_bf16(monkeypatch):
@@ -146,9 +145,9 @@ def test_a_run_from_before_the_measurement_resumes_with_the_old_auto(measured, t
 
 def test_runs_that_disagree_take_the_first_and_say_so(measured, capsys):
     runs = [{"args": {}, "weights_dtype": "float32"}, {"args": {}, "weights_dtype": "bfloat16"}]
-    assert common.weights_dtype("auto", CPU, "tiny", runs) == torch.float32
+    assert precision.weights_dtype("auto", CPU, "tiny", runs) == torch.float32
     assert "different dtypes" in capsys.readouterr().err
-    assert common.weights_dtype("bfloat16", CPU, "tiny", runs) == torch.bfloat16
+    assert precision.weights_dtype("bfloat16", CPU, "tiny", runs) == torch.bfloat16
 
 
 def test_under_torchrun_every_process_takes_rank_0s_choice(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 import flops
 import study
-from common import UserError
+from common.cli import UserError
 from model.tiny import tiny_config
 from tests.conftest import ROOT
 
@@ -285,7 +285,6 @@ def regenerate(out, adapter, split="test"):
     """The forecast texts of the study's --eval-systems systems of a split, made here from the tiny model
     with `adapter` (a run name) or without one."""
     import copy
-    from types import SimpleNamespace
 
     import eval as ev
     import lora
@@ -294,7 +293,8 @@ def regenerate(out, adapter, split="test"):
 
     base, tok = load_pretrained("tiny")
     cfg = json.loads((out / "runs" / "final" / "config.json").read_text())
-    values = ev.evaluation_values(SimpleNamespace(data=None, data_seed=0, systems=3, split=split), {"x": (None, cfg)})[0]
+    dataset, indices, _ = ev.trained_data([cfg])
+    values = ev.split_systems(dataset, indices, split, 3)
     task = forecast_task(values, Scaler.from_dict(cfg["scaler"]), 2, 5, 3)
     model = copy.deepcopy(base)
     if adapter:

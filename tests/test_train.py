@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 
 import lora
 import train
-from checkpoints import latest_checkpoint
-from common import UserError
+from common.cli import UserError
 from model.loss import lm_loss_sum, lm_loss_sum_reference
 from model.tiny import tiny_model
-from optim import AdamW, clip_grad_norm, lr_at
+from training.checkpoints import latest_checkpoint
+from training.optim import AdamW, clip_grad_norm, lr_at
 from tests.conftest import ROOT
 
 TINY = ["--model", "tiny", "--systems", "12", "--context-length", "64", "--batch-size", "2", "--eval-every", "5",
@@ -256,7 +256,7 @@ def interrupt_at(monkeypatch, where: str, call: int):
     """Deliver Ctrl-C at the `call`-th entry of one phase of the loop, as a real signal would arrive."""
     import signal
 
-    import checkpoints
+    from training import checkpoints
 
     targets = {"forward": (train, "accumulated_step"), "update": (train.AdamW, "step"),
                "validation": (train, "evaluate"), "save": (checkpoints, "fsync")}
@@ -358,7 +358,7 @@ def test_compile_without_a_compiler_is_one_clear_error(tmp_path, monkeypatch):
 
 RSS_PROBE = r"""
 import ctypes, os, sys
-from common import reuse_freed_memory
+from training.memory import reuse_freed_memory
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 libc = ctypes.CDLL("libc.so.6")
@@ -383,7 +383,7 @@ def test_reuse_freed_memory_takes_effect_on_glibc_and_respects_user_tunables(mon
     2 GB) handed back every step."""
     import platform
 
-    from common import reuse_freed_memory
+    from training.memory import reuse_freed_memory
 
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=4194304")
     assert reuse_freed_memory() is False  # the user's allocator settings win
@@ -408,17 +408,18 @@ def test_reuse_freed_memory_takes_effect_on_glibc_and_respects_user_tunables(mon
         assert int(out.stdout.split()[1]) < 8 << 20  # both kept for the next step
 
 def test_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch):
-    import common
+    from common import devices
+    from model import precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(common, "mps_available", lambda: False)
-    assert common.parse_device("auto") == torch.device("cpu")
-    assert common.weights_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(devices, "mps_available", lambda: False)
+    assert devices.parse_device("auto") == torch.device("cpu")
+    assert precision.weights_dtype("auto", torch.device("cpu")) == torch.float32
     with pytest.raises(UserError, match="no MPS"):
-        common.parse_device("mps")
-    monkeypatch.setattr(common, "mps_available", lambda: True)
-    assert common.parse_device("auto") == torch.device("mps")
-    assert common.weights_dtype("auto", torch.device("mps")) == torch.float32
+        devices.parse_device("mps")
+    monkeypatch.setattr(devices, "mps_available", lambda: True)
+    assert devices.parse_device("auto") == torch.device("mps")
+    assert precision.weights_dtype("auto", torch.device("mps")) == torch.float32
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert common.parse_device(None) == torch.device("cuda")
-    assert common.weights_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert devices.parse_device(None) == torch.device("cuda")
+    assert precision.weights_dtype("auto", torch.device("cuda")) == torch.bfloat16

@@ -14,9 +14,9 @@ import torch
 
 import lora
 import train
-from checkpoints import complete_checkpoints, latest_checkpoint
-from common import UserError
+from common.cli import UserError
 from model.tiny import tiny_model
+from training.checkpoints import complete_checkpoints, latest_checkpoint
 from tests.conftest import ROOT
 from tests.test_crash_safety import cli
 from tests.test_train import TINY, assert_same_run, interrupt_at, run, trainer_state
@@ -28,8 +28,9 @@ HANG_GUARD = 900  # seconds: a subprocess that takes longer is stuck, not slow
 DRIVER = r"""
 import os, signal, sys
 sys.path.insert(0, os.getcwd())
-import checkpoints, train
-from common import run_cli
+import train
+from training import checkpoints
+from common.cli import run_cli
 
 at, calls, sig = int(os.environ.get("SIGNAL_AT_FSYNC", "0")), [0], getattr(signal, os.environ.get("SIGNAL", "SIGTERM"))
 real_fsync = checkpoints.fsync
@@ -276,7 +277,7 @@ def test_more_systems_than_the_file_holds_is_said(tmp_path, capsys):
 @pytest.mark.parametrize("kind", ["checkpoint", "best"])
 def test_a_kill_between_the_two_renames_of_a_replacement_leaves_a_complete_folder(tmp_path, monkeypatch, kind):
     """Replacing a folder takes two renames (old aside, new in): cut between them, the old one is still found."""
-    import checkpoints
+    from training import checkpoints
 
     def fill(text):
         return lambda folder: (folder / "content").write_text(text)

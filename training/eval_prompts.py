@@ -16,7 +16,8 @@ import html
 from pathlib import Path
 
 import flops
-from common import UserError, atomic_path, read_json, write_json
+from common.cli import UserError
+from common.files import atomic_path, read_json, write_json
 from model import generate
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from common import UserError
+from common.cli import UserError
 
 TIMEOUT = datetime.timedelta(minutes=10)
 

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common import DTYPES, UserError
+from common.cli import UserError
+from common.devices import DTYPES, parse_dtype
 
 BF16_MARGIN = 1.25  # bf16 matmuls must be this much faster than fp32 for the step to gain
 PIN_ENV = "QWEN_LORA_CPU_DTYPE"
@@ -131,7 +132,7 @@ def choose(device: torch.device, config=None) -> Choice:
 def model_config_or_none(name_or_path):
     """The ModelConfig of `--model` (tiny, a folder or a hub id); None where it cannot be read (the
     loader will say why soon after), and the chooser falls back on Qwen2.5-0.5B's shapes."""
-    from model import load_config
+    from .loading import load_config
 
     try:
         return load_config(name_or_path)
@@ -174,3 +175,13 @@ def for_runs(flag: str, device: torch.device, model, run_configs: list[dict]) ->
             print(f"note: the runs were trained on frozen weights of different dtypes; using the first's, {name} "
                   f"(pass --dtype to choose)", file=sys.stderr)
     return dtypes[0]
+
+
+def weights_dtype(name: str, device: torch.device, model=None, runs: list[dict] = ()) -> torch.dtype:
+    """--dtype as the frozen weights' dtype. auto: bf16 on CUDA (train.py adds autocast), fp32 on MPS, and
+    on the CPU whichever of the two runs `model`'s matmuls faster here, measured once per process (the
+    module's docstring says how and why; a CPU without bf16 matmul units runs bf16 slower than fp32).
+    With `runs` (training runs' config.json whose adapters go on this model), auto is what they trained on."""
+    if name != "auto":
+        return parse_dtype(name)
+    return for_runs(name, device, model, list(runs))

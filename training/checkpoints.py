@@ -30,7 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from common import atomic_path, fsync
+from common.files import atomic_path, fsync
 
 PREFIX, PARTIAL, REPLACED = "checkpoint-", ".partial", ".replaced"
 

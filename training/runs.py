@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common import UserError, read_json
+from common.cli import UserError
+from common.files import read_json
 from model import DEFAULT_MODEL
 
 

@@ -1,0 +1,10 @@
+"""The small pieces every script and package shares, one concept a file, none of them about the model.
+
+    startup.py   the first import of every script: Ctrl-C while torch loads is one line
+    cli.py       one-line user errors (exit code 2), Ctrl-C, signals held back at step boundaries
+    files.py     atomic, fsynced writes: a file is the old one or the new one, never half
+    devices.py   the --device and --dtype flags
+
+Nothing is re-exported here, so `from common.startup import quiet_ctrl_c` stays light: it must run
+before torch is imported.
+"""
