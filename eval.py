@@ -448,11 +448,12 @@ def main(argv=None) -> dict:
     device = parse_device(args.device)
     runs = {adapter: run_settings(adapter) for adapter in args.adapter}
     args.model, args.quantize = base_for(args.adapter, args.model, args.quantize)  # the runs' own by default
+    run_configs = [cfg for _, cfg in runs.values() if cfg is not None]  # training runs' config.json
     if args.decimals is None:
-        args.decimals = next((int(cfg["args"]["decimals"]) for _, cfg in runs.values() if cfg is not None), 2)
-    dataset, split, source = trained_data([cfg for _, cfg in runs.values() if cfg is not None], args.data, args.data_seed)
+        args.decimals = next((int(cfg["args"]["decimals"]) for cfg in run_configs), 2)
+    dataset, split, source = trained_data(run_configs, args.data, args.data_seed)
     values = split_systems(dataset, split, args.split, args.systems)
-    dtype = weights_dtype(args.dtype, device, args.model, [cfg for _, cfg in runs.values() if cfg is not None])
+    dtype = weights_dtype(args.dtype, device, args.model, run_configs)
     base_model, tok = load_pretrained(args.model, dtype=dtype, device=device, quantize=args.quantize)
     variants = load_variants(args, runs, base_model, Scaler.fit(dataset[split["train"]]))
 
@@ -470,7 +471,7 @@ def main(argv=None) -> dict:
     for r in results.values():
         add_intervals(r, args.bootstrap, args.bootstrap_seed)
     compared = comparisons(results, models, [b for b in baselines if b != "lv_fit"], "lv_fit",
-                                            args.bootstrap, args.bootstrap_seed)
+                           args.bootstrap, args.bootstrap_seed)
 
     report = {"systems": len(values), "context_steps": args.context_steps, "horizon": args.horizon,
               "split": args.split, "samples": args.samples, "temperature": args.temperature,
@@ -491,8 +492,7 @@ def baseline_results(task, train: np.ndarray, val: np.ndarray, seed: int = 0) ->
     """{name: (forecast, metrics and what the baseline reports)} for every baseline on the task's context;
     `train` and `val` are the dataset's training and validation systems (the autoregression's data)."""
     out = {}
-    for name, (forecast, info) in all_baselines(task.context, task.target.shape[1], train, val,
-                                                                   seed).items():
+    for name, (forecast, info) in all_baselines(task.context, task.target.shape[1], train, val, seed).items():
         out[name] = (forecast, {**error_metrics(forecast, task.target, task.context), **info})
     return out
 

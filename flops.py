@@ -4,8 +4,9 @@
     python flops.py --check --model tiny        # our counts beside torch's FlopCounterMode and profiler
 
 The numbers come from a ModelConfig (or a model object: its config, its LoRA settings and which of its
-parameters train), never from a second copy of the architecture. Notation: N = B*T tokens, D hidden,
-H query heads, K key/value heads, hd head dim, I intermediate, V vocabulary, r LoRA rank.
+parameters train), never from a second copy of the architecture. Notation: N = B*T tokens, S the keys
+each query attends over (T, or a KV cache's length: `Shapes.attended`), D hidden, H query heads, K
+key/value heads, hd head dim, I intermediate, V vocabulary, r LoRA rank.
 
 1. Coursework accounting (the one the 1e17 budget is stated in). add/subtract/negate/compare = 1,
    multiply/divide = 1, exp/log/sqrt/sin/cos = 10, indexing and copies free, and a matrix product
@@ -240,7 +241,7 @@ def shapes_of(config, batch: int, seq: int, lora: dict | None, trainable: str | 
 
 def coursework_forward(s: Shapes) -> dict[str, int]:
     """One forward pass in the coursework convention, one line per row of the table at the top."""
-    N, B, T, S, D, H, K, hd, I, r = s.N, s.B, s.T, s.attended, s.D, s.H, s.K, s.hd, s.I, s.r  # noqa: E741
+    N, B, T, S, D, H, K, hd, I, r = s.N, s.B, s.T, s.attended, s.D, s.H, s.K, s.hd, s.I, s.r  # noqa: E741  (S: keys attended)
     adapted = [(d_in, d_out) for name, d_in, d_out, _ in s.projections if name in s.targets]
     per_layer = {
         **{name: matmul_cw(N, d_in, d_out) + (N * d_out if bias else 0) for name, d_in, d_out, bias in s.projections},
@@ -312,7 +313,7 @@ def hardware_passes(s: Shapes) -> tuple[dict[str, int], dict[str, int]]:
                     add("dora_dropout", flops, backward_matmuls(flops, x_grad))
         return x_grad or full or adapted
 
-    attn = 2 * B * H * T * s.attended * hd  # q k^T and probs @ v, each over the full T x S rectangle
+    attn = 2 * B * H * T * s.attended * hd  # q k^T and probs @ v, each over the full T x S rectangle (S keys attended)
     grad = full  # does the residual stream entering layer 0 need a gradient?
     for _ in range(s.L):
         q, k, v = (linear(name, d_in, d_out, grad) for name, d_in, d_out, _ in s.projections[:3])

@@ -292,17 +292,17 @@ class Pricing:
 def projected_flops(args, run: dict, pricing: Pricing) -> dict:
     """Training, validation and forecast FLOPs a run is expected to cost (coursework accounting)."""
     run_args = checked_run_args(args, run)
-    model, tok = pricing.config, pricing.tok
+    config, tok = pricing.config, pricing.tok
     windows, info = pricing.data(run_args)
     if args.eval_context_steps + args.horizon > info["timesteps"]:
         raise UserError(f"--eval-context-steps {args.eval_context_steps} + --horizon {args.horizon} must fit in the "
                         f"{info['timesteps']} timesteps of each system ({run['name']}'s data)")
     cfg = {"r": int(run_args.rank), "target_modules": run_args.targets, "use_dora": bool(run_args.dora),
            "lora_dropout": run_args.dropout}
-    costs = train.step_costs(model, run_args, windows["val"], lora=cfg)
+    costs = train.step_costs(config, run_args, windows["val"], lora=cfg)
     evals = sum(train.eval_due(step, run_args) for step in range(1, run["steps"] + 1))
     return {"train": run["steps"] * costs["train_step"], "validation": evals * costs["eval"],
-            "forecast": forecast_estimate(args, model, inference_lora(run_args), info["tokens_per_step"], tok,
+            "forecast": forecast_estimate(args, config, inference_lora(run_args), info["tokens_per_step"], tok,
                                           info["split_sizes"]["val"])}
 
 
@@ -373,7 +373,7 @@ def make_plan(args) -> list[tuple[dict, dict]]:
         finals = [{"name": "final", "phase": "final", "flags": run["flags"], "steps": args.final_steps}
                   for run, _ in plan] or [{"name": "final", "phase": "final", "flags": {}, "steps": args.final_steps}]
         plan.append(max(((r, projected_flops(args, r, pricing)) for r in finals), key=lambda rc: sum(rc[1].values())))
-    model, tok = pricing.config, pricing.tok
+    config, tok = pricing.config, pricing.tok
     info = pricing.data(train.resolve_args(train_argv(args, plan[-1][0], Path("-")))[0])[1] \
         if plan else {"tokens_per_step": 10, "split_sizes": {"test": args.eval_systems or 1}}
     step_tokens = info["tokens_per_step"]
@@ -382,7 +382,7 @@ def make_plan(args) -> list[tuple[dict, dict]]:
     lora_cfg = {"r": max(a["r"] for a in adapters) if plan else 8, "target_modules": train.DEFAULTS["targets"],
                 "use_dora": any(a["use_dora"] for a in adapters)}
     plan.append((test, {"train": 0, "validation": 0,
-                        "forecast": 2 * forecast_estimate(args, model, lora_cfg, step_tokens, tok,
+                        "forecast": 2 * forecast_estimate(args, config, lora_cfg, step_tokens, tok,
                                                           info["split_sizes"]["test"], "test")}))
     return plan
 
@@ -396,7 +396,7 @@ class Ledger:
     def __init__(self, path: Path, group: distributed.Group = distributed.Group()):
         self.path, self.lines, self.writes = path, [], group.is_main
         if group.is_main:
-            from training.checkpoints import rewind_log
+            from common.checkpoints import rewind_log
 
             for line in path.read_text().splitlines() if path.exists() else []:
                 try:
@@ -472,9 +472,9 @@ def diverged(error: UserError) -> dict | None:
     return {"step": int(found.group(1)), "reason": str(error).split(";")[0]} if found else None
 
 
-def flops_by_kind(folder: Path, failed_on: str | None = None) -> dict:
+def flops_by_kind(folder: Path, failed_model: str | None = None) -> dict:
     """A run's FLOPs from its metrics.jsonl, split into training steps and validation passes. A run that
-    diverged (`failed_on` its model) also spent the forward and backward passes of the step that failed,
+    diverged (on the model `failed_model`) also spent the forward and backward passes of the step that failed,
     which train.py's counters leave out (that step was never committed); its optimizer update never ran."""
     split = {kind: {"coursework": 0, "hardware": 0} for kind in ("train", "validation")}
     previous = {"flops": 0, "flops_hardware": 0}
@@ -483,12 +483,12 @@ def flops_by_kind(folder: Path, failed_on: str | None = None) -> dict:
         split[kind]["coursework"] += rec["flops"] - previous["flops"]
         split[kind]["hardware"] += rec["flops_hardware"] - previous["flops_hardware"]
         previous = rec
-    if failed_on is not None:
+    if failed_model is not None:
         from model import load_config
 
         cfg = read_json(folder / "config.json", what="run config")
         lora_cfg = {"r": cfg["lora"]["r"], "target_modules": cfg["lora"]["target_modules"]}
-        optimizer = flops.count(load_config(failed_on), 1, 1, lora=lora_cfg, trainable="lora").optimizer_coursework
+        optimizer = flops.count(load_config(failed_model), 1, 1, lora=lora_cfg, trainable="lora").optimizer_coursework
         split["train"]["coursework"] += cfg["flops"]["train_step"] - optimizer
         split["train"]["hardware"] += cfg["flops"]["train_step_hardware"]
     return split
@@ -509,8 +509,7 @@ def forecast(args, name: str, model, tok, run_cfg: dict, split: str, ledger: Led
     import eval as ev
     from data import Scaler, forecast_task
 
-    dataset, indices, _ = ev.trained_data([run_cfg])
-    values = ev.split_systems(dataset, indices, split, args.eval_systems)
+    values = split_values(args, run_cfg, split)
     scaler, decimals = Scaler.from_dict(run_cfg["scaler"]), int(run_cfg["args"]["decimals"])
     task = forecast_task(values, scaler, decimals, args.eval_context_steps, args.horizon)
     kept = Path(args.out) / "forecasts" / f"{name}.json"
@@ -625,9 +624,8 @@ def test_phase(args, final: dict, base, tok, ledger: Ledger, group: distributed.
     forecasts.update({name: f for name, (f, _) in baselines.items()})
     for r in results.values():
         add_intervals(r, args.bootstrap, args.bootstrap_seed)
-    compared = comparisons(results, [final["name"], "untrained"],
-                                            [b for b in baselines if b != "lv_fit"], "lv_fit",
-                                            args.bootstrap, args.bootstrap_seed)
+    compared = comparisons(results, [final["name"], "untrained"], [b for b in baselines if b != "lv_fit"], "lv_fit",
+                           args.bootstrap, args.bootstrap_seed)
     val_task = forecast_task(split_values(args, cfg, "val"), Scaler(1.0), 2, args.eval_context_steps, args.horizon)
     val_baselines = {name: add_intervals(r, args.bootstrap, args.bootstrap_seed)
                      for name, (_, r) in baselines_on(args, cfg, "val", val_task).items()}
@@ -695,18 +693,19 @@ def run_study(args, plan, first_run, group: distributed.Group, device) -> dict:
     base, tok = load_pretrained(args.model, dtype=weights_dtype(first_run.dtype, device, args.model), device=device,
                                 quantize=first_run.quantize)
     grid = run_phase(args, [(r, c) for r, c in plan if r["phase"] == "grid"], base, tok, ledger, group)
-    best = best_of(args, grid) if grid else {"flags": {}, "name": "defaults"}
-    context_plan = [({**r, "flags": {**best["flags"], "context_length": r["flags"]["context_length"]}}, c)
+    best_grid = best_of(args, grid) if grid else {"flags": {}, "name": "defaults"}
+    context_plan = [({**r, "flags": {**best_grid["flags"], "context_length": r["flags"]["context_length"]}}, c)
                     for r, c in plan if r["phase"] == "context"]
     context = run_phase(args, context_plan, base, tok, ledger, group)
-    best_all = best_of(args, grid + context) if grid + context else best
-    final_plan = [({**r, "flags": best_all["flags"]}, c) for r, c in plan if r["phase"] == "final"]
+    best = best_of(args, grid + context) if grid + context else best_grid
+    final_plan = [({**r, "flags": best["flags"]}, c) for r, c in plan if r["phase"] == "final"]
     final = run_phase(args, final_plan, base, tok, ledger, group)
-    chosen = final[0] if final else best_all
+    chosen = final[0] if final else best
     if chosen.get("name") == "defaults":
         raise UserError("nothing to test: every training phase has 0 steps")
     test = test_phase(args, chosen, base, tok, ledger, group)
-    return write_outputs(args, plan, Outcome(grid, context, final, best, best_all, test), ledger, group)
+    outcome = Outcome(grid=grid, context=context, final=final, best_grid=best_grid, best=best, test=test)
+    return write_outputs(args, plan, outcome, ledger, group)
 
 
 # ----------------------------------------------------------------------------------------- outputs
@@ -728,14 +727,13 @@ class Outcome:
 
 def write_outputs(args, plan, outcome: Outcome, ledger: Ledger, group: distributed.Group) -> dict:
     grid, context, final, test = outcome.grid, outcome.context, outcome.final, outcome.test
-    best, best_all = outcome.best_grid, outcome.best
     strip = lambda r: {k: v for k, v in r.items() if k != "curve"}  # noqa: E731
     report = {
         "settings": {k: v for k, v in vars(args).items() if k != "dry_run"},
         "plan": [{"run": r["name"], "steps": r["steps"], "projected": c} for r, c in plan],
         "notes": selection_notes(args, plan),
-        "runs": [strip(r) for r in outcome.runs], "best_grid": best.get("name"), "best": best_all.get("name"),
-        "final": (final[0] if final else best_all)["name"],
+        "runs": [strip(r) for r in outcome.runs], "best_grid": outcome.best_grid.get("name"),
+        "best": outcome.best.get("name"), "final": (final[0] if final else outcome.best)["name"],
         "test": {"systems": test["systems"], "results": test["results"], "comparisons": test["comparisons"]},
         "val_baselines": test["val_baselines"],
         "flops": {"coursework": ledger.total(), "hardware": ledger.total("hardware"), "budget": args.budget,

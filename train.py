@@ -16,7 +16,7 @@ with a checkpoint, before a step would pass `--max-flops`.
 
 Outputs in --out: config.json (every setting, the data scaling), metrics.jsonl (one JSON line per
 step and per evaluation), checkpoint-NNNNNN/ (the adapter in PEFT format + trainer_state.pt; see
-training/checkpoints.py for why a complete one exists at every instant).
+common/checkpoints.py for why a complete one exists at every instant).
 
 Nothing is lost to an interruption. The weights, the optimizer moments, the step and FLOP counters,
 the data position, the RNG states and the number of metrics lines change together, at step
@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 import flops
 import lora
+from common.checkpoints import PARTIAL, best_checkpoint, latest_checkpoint, remove_partial, rewind_log, write_best, write_checkpoint
 from common.cli import ReportedInterrupt, UserError, deferred_interrupts, format_perplexity, run_cli, sigterm_as_interrupt
 from common.devices import parse_device
 from common.files import read_json, write_json
@@ -56,7 +57,6 @@ from model import DEFAULT_MODEL, load_pretrained
 from model.loss import lm_loss_sum, mean_loss
 from model.precision import weights_dtype
 from training import distributed, eval_prompts
-from training.checkpoints import PARTIAL, best_checkpoint, latest_checkpoint, remove_partial, rewind_log, write_best, write_checkpoint
 from training.lock import LOCK_FILE, claim_run_folder, release_run_folder
 from training.memory import reuse_freed_memory
 from training.optim import AdamW, clip_grad_norm, lr_at
@@ -249,8 +249,6 @@ def parse_run_argv(argv) -> tuple[argparse.Namespace, dict]:
 
 
 # -------------------------------------------------------------------------------------------- data
-
-
 def is_chat(args) -> bool:
     return args.data is not None and str(args.data).endswith(".jsonl")
 
@@ -592,8 +590,6 @@ def answered_after(run: Run) -> bool:
 
 
 # ----------------------------------------------------------------------------- unattended runs
-
-
 def auto_resume(args) -> str | None:
     """--resume auto: the folder to continue, or None for a fresh run. A scheduler's requeue or
     torchrun --max-restarts reruns the same command: it continues the run its --out holds (any setting

@@ -66,7 +66,7 @@ def parse_args(argv=None):
 def train_variant(args, name: str) -> Path:
     """Train (or resume, or keep) OUT/<name>; return its folder."""
     import train
-    from training.checkpoints import latest_checkpoint
+    from common.checkpoints import latest_checkpoint
 
     folder = Path(args.out) / name
     shared = ["--model", args.model, *(["--data", args.data] if args.data else []), "--lr", str(args.lr),
@@ -124,9 +124,11 @@ def summarize(args, name: str, folder: Path, base, tok) -> dict:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     from common.devices import parse_device
-    from model.precision import weights_dtype
     from model import load_pretrained
+    from model.precision import weights_dtype
+    from training.memory import reuse_freed_memory
 
+    reuse_freed_memory()  # as train.py's main: the runs below are timed with the setting train.py uses
     folders = {name: train_variant(args, name) for name in args.variants}
     device = parse_device(args.device)
     base, tok = load_pretrained(args.model, dtype=weights_dtype("auto", device), device=device)

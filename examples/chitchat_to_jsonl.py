@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.cli import UserError, run_cli  # noqa: E402
-from common.files import atomic_path
+from common.files import atomic_path  # noqa: E402
 
 
 def dialogue_messages(dialogue: dict) -> list[dict]:

@@ -10,9 +10,9 @@ if sys.argv[:1] == ["-m"]:  # `python -m lora.…` is starting (argv[0] is "-m" 
 
 from .dora import DoRALinear
 from .init import check_init
-from .inject import (ALL_TARGETS, apply_lora, check_variants, lora_modules, lora_parameters, merge, merge_and_export,
+from .inject import (ALL_TARGETS, apply_lora, check_variants, lora_parameters, merge, merge_and_export,
                      parse_targets, unmerge)
-from .layer import LoRALinear
+from .layer import LoRALinear, lora_modules
 from .loraplus import loraplus_lr_scales
 from .peft_format import load_adapter, read_adapter, save_adapter
 

@@ -24,10 +24,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from common.checkpoints import latest_checkpoint
 from common.cli import UserError
 from common.files import read_json, write_json
 from model.loading import save_safetensors
-from training.checkpoints import latest_checkpoint
 
 from .init import check_init, convert_for_original_base, is_converted_for, moves_base, unconvert
 from .inject import apply_lora, lora_parameters, parse_targets

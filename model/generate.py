@@ -63,39 +63,42 @@ def sample_next(logits: torch.Tensor, temperature: float,
 class LogitSpace:
     """The space the next token is chosen in, one of two.
 
-    Plain: lm_head over the whole vocabulary. The logits are (rows, V), indexed by token id; tokens that
+    Plain: lm_head over the whole vocabulary. The logits are (B, V), indexed by token id; tokens that
     may not be chosen (the embedding's padding rows past `vocab_limit`, anything outside `allowed`) are
     set to -inf by `process_logits`, and the chosen index is the token id.
 
     Allowed only: when decoding is constrained to a few tokens (LLMTIME's 15 of Qwen2.5's 151,936) and
     lm_head is a plain Linear, only the allowed tokens' rows of lm_head are computed. The logits are
-    (rows, A), indexed by position in `allowed`, so a chosen position becomes a token id through
+    (B, A), indexed by position in `allowed`, so a chosen position becomes a token id through
     `allowed[position]`. This skips the rest of the vocabulary, a quarter of Qwen2.5-0.5B's work per
     token, and samples the very same distribution: a softmax over the allowed logits is the
     renormalised full one (tests/test_eval.py checks both spaces choose the same tokens).
     """
 
-    def __init__(self, model: Transformer, allowed: torch.Tensor | None, vocab_limit: int | None):
-        self.allowed, self.vocab_limit = allowed, vocab_limit  # allowed: (A,) token ids, or None
+    def __init__(self, model: Transformer, allowed: torch.Tensor | None, vocab_limit: int | None,
+                 cut_head: bool = True):
+        """`allowed`: (A,) token ids, or None for any token. `cut_head=False` keeps the plain space even
+        where lm_head could be cut (tests compare the two)."""
+        self.allowed, self.vocab_limit = allowed, vocab_limit
         head = model.lm_head
-        self.rows = None  # (weight (A, D), bias (A,) or None): lm_head's allowed rows, in the second space
-        if allowed is not None and type(head) is torch.nn.Linear:
-            self.rows = head.weight[allowed], None if head.bias is None else head.bias[allowed]
+        self.head_rows = None  # lm_head's allowed rows, (weight (A, D), bias (A,) or None), in the second space
+        if cut_head and allowed is not None and type(head) is torch.nn.Linear:
+            self.head_rows = head.weight[allowed], None if head.bias is None else head.bias[allowed]
 
     @property
     def allowed_only(self) -> bool:
-        return self.rows is not None
+        return self.head_rows is not None
 
     def next_logits(self, model: Transformer, ids, pad_mask, cache) -> torch.Tensor:
         """Logits of the next token: (B, V) by token id, or (B, A) by position in `allowed`."""
         if not self.allowed_only:
             return model(ids, pad_mask=pad_mask, cache=cache, last_only=True)[:, -1]  # (B, V)
         h = model.hidden_states(ids, pad_mask, cache)[:, -1]  # (B, D)
-        return torch.nn.functional.linear(h, *self.rows).float()  # (B, D) @ (D, A) -> (B, A)
+        return torch.nn.functional.linear(h, *self.head_rows).float()  # (B, D) @ (D, A) -> (B, A)
 
     def choose(self, logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                generator) -> torch.Tensor:
-        """(rows,) token ids chosen from `next_logits`' output."""
+        """(B,) token ids chosen from `next_logits`' output: the plain step first, then the cut one."""
         if not self.allowed_only:
             logits = process_logits(logits, temperature, top_k, top_p, self.vocab_limit, self.allowed)
             return sample_next(logits, temperature, generator)  # indices are token ids

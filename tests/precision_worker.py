@@ -1,5 +1,5 @@
 """A process of tests/test_precision.py's torchrun test, in a module of its own so that the spawned
-processes import little (not train.py and the rest)."""
+processes import only the model package (not train.py, the data and the rest)."""
 
 import os
 

@@ -15,11 +15,11 @@ import torch
 
 import lora
 import train
+from common import checkpoints
+from common.checkpoints import latest_checkpoint
 from common.cli import UserError, run_cli
 from model import load_model, save_pretrained
 from model.tiny import tiny_model, tiny_tokenizer
-from training import checkpoints
-from training.checkpoints import latest_checkpoint
 from tests.conftest import ROOT
 from tests.test_train import TINY, assert_same_run, records, run, trainer_state
 
@@ -29,7 +29,7 @@ DRIVER = r"""
 import os, signal, sys
 sys.path.insert(0, os.getcwd())
 import train
-from training import checkpoints
+from common import checkpoints
 from common.cli import run_cli
 
 die_at, calls = int(os.environ.get("DIE_AT_FSYNC", "0")), [0]

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from training.checkpoints import latest_checkpoint
+from common.checkpoints import latest_checkpoint
 from tests.conftest import ROOT
 from tests.test_chat import small_chat_file
 from tests.test_train import assert_same_run, records, trainer_state

@@ -153,9 +153,9 @@ def test_both_logit_spaces_choose_the_same_tokens(temperature):
 
     model, tok = uncertain_model(), load_tokenizer("tiny")
     allowed = torch.tensor(sorted(ev.allowed_token_ids(tok)))
-    plain = LogitSpace(model, None, None)
-    plain.allowed = allowed  # the plain space with the same constraint, applied by masking
+    plain = LogitSpace(model, allowed, None, cut_head=False)  # the same constraint, applied by masking
     cut = LogitSpace(model, allowed, None)
+    assert cut.allowed_only and not plain.allowed_only
     full = torch.randn(64, model.config.vocab_size, generator=torch.Generator().manual_seed(0)) * 3
 
     def streams():

@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 import lora
 import train
+from common.checkpoints import latest_checkpoint
 from common.cli import UserError
 from model.loss import lm_loss_sum, lm_loss_sum_reference
 from model.tiny import tiny_model
-from training.checkpoints import latest_checkpoint
 from training.optim import AdamW, clip_grad_norm, lr_at
 from tests.conftest import ROOT
 
@@ -256,7 +256,7 @@ def interrupt_at(monkeypatch, where: str, call: int):
     """Deliver Ctrl-C at the `call`-th entry of one phase of the loop, as a real signal would arrive."""
     import signal
 
-    from training import checkpoints
+    from common import checkpoints
 
     targets = {"forward": (train, "accumulated_step"), "update": (train.AdamW, "step"),
                "validation": (train, "evaluate"), "save": (checkpoints, "fsync")}

@@ -14,9 +14,9 @@ import torch
 
 import lora
 import train
+from common.checkpoints import complete_checkpoints, latest_checkpoint
 from common.cli import UserError
 from model.tiny import tiny_model
-from training.checkpoints import complete_checkpoints, latest_checkpoint
 from tests.conftest import ROOT
 from tests.test_crash_safety import cli
 from tests.test_train import TINY, assert_same_run, interrupt_at, run, trainer_state
@@ -29,7 +29,7 @@ DRIVER = r"""
 import os, signal, sys
 sys.path.insert(0, os.getcwd())
 import train
-from training import checkpoints
+from common import checkpoints
 from common.cli import run_cli
 
 at, calls, sig = int(os.environ.get("SIGNAL_AT_FSYNC", "0")), [0], getattr(signal, os.environ.get("SIGNAL", "SIGTERM"))
@@ -277,7 +277,7 @@ def test_more_systems_than_the_file_holds_is_said(tmp_path, capsys):
 @pytest.mark.parametrize("kind", ["checkpoint", "best"])
 def test_a_kill_between_the_two_renames_of_a_replacement_leaves_a_complete_folder(tmp_path, monkeypatch, kind):
     """Replacing a folder takes two renames (old aside, new in): cut between them, the old one is still found."""
-    from training import checkpoints
+    from common import checkpoints
 
     def fill(text):
         return lambda folder: (folder / "content").write_text(text)

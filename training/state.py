@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 import lora
+from common.checkpoints import latest_checkpoint
 from common.cli import UserError
-from training.checkpoints import latest_checkpoint
 from training.optim import AdamW
 
 
@@ -50,8 +50,6 @@ class BatchOrder:
 
 
 @dataclass(frozen=True)
-
-
 class RunState:
     """Everything a checkpoint holds besides the adapter and the optimizer's moments.
 
@@ -108,6 +106,6 @@ def load_checkpoint(out: Path, model, opt: AdamW) -> RunState | None:
 
 def save_state(folder: Path, model, opt: AdamW, state: RunState) -> None:
     """Write a checkpoint's contents into `folder`: the adapter (PEFT format) and trainer_state.pt (the
-    RunState and the optimizer's moments). training/checkpoints.py makes the folder appear whole."""
+    RunState and the optimizer's moments). common/checkpoints.py makes the folder appear whole."""
     lora.save_adapter(model, folder)
     torch.save({**asdict(state), "optimizer": opt.state_dict()}, folder / STATE_FILE)

@@ -7,7 +7,7 @@
                                   adapter_model.safetensors, trainer_state.pt
       .checkpoint-000140.partial/ only while the next one is being written (or after a kill did it)
       best/                       with --keep-best: the state of the lowest validation loss (write_best)
-      .lock                       names the process running in the folder (train.lock_run_folder)
+      .lock                       names the process running in the folder (training/lock.py)
 
 Why numbered folders. A checkpoint is several files. Replacing a folder in place takes two renames
 (old away, new in), and a kill between them leaves none. Here a new checkpoint is written under a

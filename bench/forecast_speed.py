@@ -1,8 +1,8 @@
 """Forecasting with samples: eval.py's generation against the code before prefill-once and transformers.
 
-    python bench/forecast.py                        # 16 systems x 20 samples, all three sides
-    python bench/forecast.py --model ~/.cache/smollm2-135m-instruct   # real weights, real stops
-    python bench/forecast.py --systems 4 --samples 5 --sides ours,reference
+    python bench/forecast_speed.py                        # 16 systems x 20 samples, all three sides
+    python bench/forecast_speed.py --model ~/.cache/smollm2-135m-instruct   # real weights, real stops
+    python bench/forecast_speed.py --systems 4 --samples 5 --sides ours,reference
 
 The same prompts (LLMTIME text of simulated systems), the same weights and tokenizer (random weights
 of Qwen2.5-0.5B's shape with its tokenizer, or --model), temperature-1 sampling constrained to
