@@ -47,7 +47,8 @@ from tqdm import tqdm
 
 import flops
 import lora
-from common.checkpoints import PARTIAL, best_checkpoint, latest_checkpoint, remove_partial, rewind_log, write_best, write_checkpoint
+from common.checkpoints import (PARTIAL, best_checkpoint, checkpoint_dir, latest_checkpoint, remove_partial, rewind_log,
+                                write_best, write_checkpoint)
 from common.cli import ReportedInterrupt, UserError, deferred_interrupts, format_perplexity, run_cli, sigterm_as_interrupt
 from common.devices import parse_device
 from common.files import read_json, write_json
@@ -455,7 +456,7 @@ def save_checkpoint(run: Run, sync: bool = True) -> Path:
     """Checkpoint the current boundary: adapter, optimizer moments and RunState, together. Rank 0 writes
     (every process holds the same weights and state); with `sync` the others wait until it has."""
     state = run.state
-    folder = run.out / f"checkpoint-{state.step:06d}"
+    folder = checkpoint_dir(run.out, state.step)
     if run.group.is_main:
         os.fsync(run.metrics.fileno())  # the log lines this checkpoint counts reach the disk before it does
 
